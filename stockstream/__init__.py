@@ -1,0 +1,15 @@
+"""stockstream: real-time stock analytics on Kafka and Faust.
+
+`faust -A stockstream worker` finds the Faust app as `stockstream.app`. It is imported lazily so
+that the producer, the CLI and unit tests can use the package without building a Faust app.
+"""
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from stockstream.app import app
+
+        return app
+    raise AttributeError(f"module 'stockstream' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Quote sources. Each yields `contracts.Quote` objects; producer.py sends them."""

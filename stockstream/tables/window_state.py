@@ -1,0 +1,77 @@
+"""Write-through mirror of the changelog-backed window table, per source partition.
+
+The Faust table is the durable state (its changelog restores a restarted or rebalanced
+worker). Reads go to the in-memory `PartitionWindows` so the hot path never deserialises.
+Key layout, all in the changelog partition of the source partition they belong to:
+    w|<partition>|<symbol>|<window start ms>  -> WindowAggregate.to_state()
+    c|<partition>                             -> PartitionClock.to_state()
+Writes are ordered within a changelog partition, so a crash leaves a prefix of them: window
+writes come before the clock checkpoint that follows a close, which is what makes replays
+idempotent (see tables/windows.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+from stockstream.tables.windows import PartitionClock, PartitionWindows, WindowAggregate
+
+
+def window_key(partition: int, window: WindowAggregate) -> str:
+    return f"w|{partition}|{window.symbol}|{window.start_ms}"
+
+
+def clock_key(partition: int) -> str:
+    return f"c|{partition}"
+
+
+class WindowState:
+    def __init__(self, table: MutableMapping[str, Any], size_ms: int, grace_ms: int) -> None:
+        self._table = table
+        self._size_ms = size_ms
+        self._grace_ms = grace_ms
+        self._partitions: dict[int, PartitionWindows] = {}
+        # Wall-clock time of the last quote (or of loading), for the idle rule.
+        self.last_activity: dict[int, float] = {}
+
+    def loaded(self) -> dict[int, PartitionWindows]:
+        return self._partitions
+
+    def get(self, partition: int) -> PartitionWindows | None:
+        return self._partitions.get(partition)
+
+    def load(self, partition: int) -> PartitionWindows:
+        """Rebuild the mirror of one partition from the (recovered) table."""
+        windows = PartitionWindows(self._size_ms, self._grace_ms)
+        prefix = f"w|{partition}|"
+        for key, value in self._table.items():
+            if value is not None and key.startswith(prefix):
+                window = WindowAggregate.from_state(value)
+                windows.open[(window.symbol, window.start_ms)] = window
+        clock = self._table.get(clock_key(partition))
+        if clock is not None:
+            windows.clock = PartitionClock.from_state(clock)
+        self._partitions[partition] = windows
+        self.last_activity[partition] = time.monotonic()
+        return windows
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Drop mirrors of partitions this worker no longer owns (reloaded if they return)."""
+        for partition in partitions:
+            self._partitions.pop(partition, None)
+            self.last_activity.pop(partition, None)
+
+    def save_window(self, partition: int, window: WindowAggregate) -> None:
+        self._table[window_key(partition, window)] = window.to_state()
+
+    def checkpoint(self, partition: int, closed: list[WindowAggregate]) -> None:
+        """Persist a close: remove the windows, then record the clock that covers it."""
+        windows = self._partitions[partition]
+        for window in closed:
+            key = window_key(partition, window)
+            if key in self._table:
+                del self._table[key]
+        windows.remove(closed)
+        self._table[clock_key(partition)] = windows.clock.to_state()

@@ -1,0 +1,235 @@
+"""Event-time tumbling windows of one partition: aggregation and the close rule.
+
+Pure logic, no Faust and no I/O, so every rule is unit-testable and the agent stays thin.
+
+Close rule (per partition, because a partition is the unit of ordering and of ownership):
+- the watermark is the highest `market_timestamp` seen on the partition;
+- window `[start, end)` closes once `watermark >= end + grace`;
+- `flush()` closes every open window when the partition went idle (wall clock, decided by the
+  caller), and remembers `closed_until` so that no window is ever emitted twice;
+- an event whose window is already closed is *late*: the caller dead-letters it.
+
+Idempotence: each window remembers the highest source offset folded into it and the partition
+clock remembers the last offset whose effects were checkpointed, so replaying records after a
+crash (at-least-once delivery) never counts a quote twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from stockstream.contracts import Quote, iso_utc
+
+
+@dataclass(slots=True)
+class WindowAggregate:
+    symbol: str
+    start_ms: int
+    size_ms: int
+    count: int
+    sum: float
+    min: float
+    max: float
+    open: float
+    open_ts: int
+    close: float
+    close_ts: int
+    volume: float | None
+    price_volume: float
+    first_event_ms: int
+    last_event_ms: int
+    last_offset: int
+
+    @classmethod
+    def first(cls, quote: Quote, start_ms: int, size_ms: int, offset: int) -> WindowAggregate:
+        price, ts = quote.current_price, quote.market_timestamp
+        return cls(
+            symbol=quote.symbol,
+            start_ms=start_ms,
+            size_ms=size_ms,
+            count=1,
+            sum=price,
+            min=price,
+            max=price,
+            open=price,
+            open_ts=ts,
+            close=price,
+            close_ts=ts,
+            volume=quote.volume,
+            price_volume=price * quote.volume if quote.volume is not None else 0.0,
+            first_event_ms=ts,
+            last_event_ms=ts,
+            last_offset=offset,
+        )
+
+    @property
+    def end_ms(self) -> int:
+        return self.start_ms + self.size_ms
+
+    def add(self, quote: Quote, offset: int) -> None:
+        price, ts = quote.current_price, quote.market_timestamp
+        self.count += 1
+        self.sum += price
+        self.min = min(self.min, price)
+        self.max = max(self.max, price)
+        # Open/close are by event time; on equal timestamps the first/last in offset order wins,
+        # which is the order the producer observed them.
+        if ts < self.open_ts:
+            self.open, self.open_ts = price, ts
+        if ts >= self.close_ts:
+            self.close, self.close_ts = price, ts
+        if quote.volume is not None:
+            self.volume = (self.volume or 0.0) + quote.volume
+            self.price_volume += price * quote.volume
+        self.first_event_ms = min(self.first_event_ms, ts)
+        self.last_event_ms = max(self.last_event_ms, ts)
+        self.last_offset = offset
+
+    def to_state(self) -> list[Any]:
+        """Compact form for the changelog-backed table (a list avoids repeating key names)."""
+        return [
+            self.symbol,
+            self.start_ms,
+            self.size_ms,
+            self.count,
+            self.sum,
+            self.min,
+            self.max,
+            self.open,
+            self.open_ts,
+            self.close,
+            self.close_ts,
+            self.volume,
+            self.price_volume,
+            self.first_event_ms,
+            self.last_event_ms,
+            self.last_offset,
+        ]
+
+    @classmethod
+    def from_state(cls, state: list[Any]) -> WindowAggregate:
+        return cls(*state)
+
+    def to_record(self) -> dict[str, Any]:
+        """The `stock-quotes-aggregated` contract."""
+        vwap = self.price_volume / self.volume if self.volume else None
+        return {
+            "symbol": self.symbol,
+            "window_start": iso_utc(self.start_ms),
+            "window_end": iso_utc(self.end_ms),
+            "window_start_ms": self.start_ms,
+            "count": self.count,
+            "sum": self.sum,
+            "min": self.min,
+            "max": self.max,
+            "avg": self.sum / self.count,
+            "open": self.open,
+            "close": self.close,
+            "volume": self.volume,
+            "vwap": vwap,
+            "first_event_ms": self.first_event_ms,
+            "last_event_ms": self.last_event_ms,
+        }
+
+
+@dataclass(slots=True)
+class PartitionClock:
+    """Event-time progress of one source partition; checkpointed whenever windows close."""
+
+    watermark_ms: int = -1
+    closed_until_ms: int = -1
+    last_offset: int = -1
+    emitted_offset: int = -1
+
+    def to_state(self) -> list[int]:
+        return [self.watermark_ms, self.closed_until_ms, self.last_offset, self.emitted_offset]
+
+    @classmethod
+    def from_state(cls, state: list[int]) -> PartitionClock:
+        return cls(*state)
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    window: WindowAggregate
+
+
+@dataclass(frozen=True, slots=True)
+class Late:
+    window_start_ms: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AlreadyApplied:
+    """A replayed record whose effect the restored state already holds."""
+
+
+Outcome = Applied | Late | AlreadyApplied
+
+
+@dataclass(slots=True)
+class PartitionWindows:
+    size_ms: int
+    grace_ms: int
+    clock: PartitionClock = field(default_factory=PartitionClock)
+    open: dict[tuple[str, int], WindowAggregate] = field(default_factory=dict)
+
+    def window_start(self, ts: int) -> int:
+        return ts - ts % self.size_ms
+
+    def is_replay(self, offset: int) -> bool:
+        return offset <= self.clock.last_offset
+
+    def apply(self, quote: Quote, offset: int) -> Outcome:
+        start = self.window_start(quote.market_timestamp)
+        end = start + self.size_ms
+        key = (quote.symbol, start)
+        window = self.open.get(key)
+        if window is not None and offset <= window.last_offset:
+            self._advance(quote.market_timestamp, offset)
+            return AlreadyApplied()
+        if end <= self.clock.closed_until_ms:
+            return self._late(start, f"window {iso_utc(start)} already flushed (idle)", offset)
+        if end + self.grace_ms <= self.clock.watermark_ms:
+            return self._late(
+                start,
+                f"window {iso_utc(start)} closed: watermark {iso_utc(self.clock.watermark_ms)}"
+                f" passed window end + {self.grace_ms} ms grace",
+                offset,
+            )
+        if window is None:
+            window = WindowAggregate.first(quote, start, self.size_ms, offset)
+            self.open[key] = window
+        else:
+            window.add(quote, offset)
+        self._advance(quote.market_timestamp, offset)
+        return Applied(window)
+
+    def _late(self, start: int, reason: str, offset: int) -> Late:
+        # A late record does not move the watermark: its time is behind it by definition.
+        self.clock.last_offset = max(self.clock.last_offset, offset)
+        return Late(start, reason)
+
+    def _advance(self, ts: int, offset: int) -> None:
+        self.clock.watermark_ms = max(self.clock.watermark_ms, ts)
+        self.clock.last_offset = max(self.clock.last_offset, offset)
+
+    def closable(self) -> list[WindowAggregate]:
+        """Windows the watermark has passed (end + grace), oldest first."""
+        limit = self.clock.watermark_ms - self.grace_ms
+        due = [w for w in self.open.values() if w.end_ms <= limit]
+        due.sort(key=lambda w: (w.start_ms, w.symbol))
+        return due
+
+    def flush(self) -> list[WindowAggregate]:
+        """Every open window, for an idle partition; later records for them become late."""
+        due = sorted(self.open.values(), key=lambda w: (w.start_ms, w.symbol))
+        if due:
+            self.clock.closed_until_ms = max(self.clock.closed_until_ms, max(w.end_ms for w in due))
+        return due
+
+    def remove(self, windows: list[WindowAggregate]) -> None:
+        for window in windows:
+            self.open.pop((window.symbol, window.start_ms), None)

@@ -1,0 +1,91 @@
+"""The Kafka topics stockstream owns, and their creation.
+
+The aggregation is per partition, so `stock-quotes`, its clock topic and
+`stock-quotes-aggregated` must have the same partition count: a closed window of source
+partition p is written to output partition p, which is how a restarted worker finds what it
+already emitted. `ensure_topics` creates missing topics and refuses mismatched ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from stockstream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class TopicLayoutError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+    copartitioned: bool
+
+
+def clock_topic_name(settings: Settings) -> str:
+    """Internal topic that carries idle ticks into the aggregation agent's partitions."""
+    return f"{settings.worker.app_id}-aggregation-clock"
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    k = settings.kafka
+    return [
+        TopicSpec(k.quotes_topic, k.partitions, {}, copartitioned=True),
+        TopicSpec(k.aggregated_topic, k.partitions, {}, copartitioned=True),
+        TopicSpec(k.dlq_topic, k.partitions, {}, copartitioned=False),
+        # Ticks are only meaningful for a few seconds; a day keeps them for debugging.
+        TopicSpec(
+            clock_topic_name(settings), k.partitions, {"retention.ms": "86400000"}, True
+        ),
+    ]
+
+
+def bootstrap_list(settings: Settings) -> list[str]:
+    return [s.strip() for s in settings.kafka.bootstrap_servers.split(",") if s.strip()]
+
+
+async def ensure_topics(settings: Settings) -> None:
+    specs = topic_specs(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_list(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [s for s in specs if s.name not in existing]
+        if missing:
+            try:
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            s.name,
+                            num_partitions=s.partitions,
+                            replication_factor=settings.kafka.replication_factor,
+                            topic_configs=s.config,
+                        )
+                        for s in missing
+                    ]
+                )
+            except TopicAlreadyExistsError:
+                pass  # another process created it between list and create
+            for s in missing:
+                log.info("created topic", extra={"topic": s.name, "partitions": s.partitions})
+        described = await admin.describe_topics([s.name for s in specs])
+        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        for spec in specs:
+            actual = counts.get(spec.name, 0)
+            if spec.copartitioned and actual != spec.partitions:
+                raise TopicLayoutError(
+                    f"topic {spec.name!r} has {actual} partitions, expected {spec.partitions}"
+                    " (KAFKA_PARTITIONS): the aggregation needs source, clock and output"
+                    " topics co-partitioned"
+                )
+    finally:
+        await admin.close()

@@ -1,0 +1,187 @@
+"""The window engine (stockstream/tables/windows.py): close rule, lateness, idempotence."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stockstream.contracts import Quote
+from stockstream.tables.windows import (
+    AlreadyApplied,
+    Applied,
+    Late,
+    PartitionClock,
+    PartitionWindows,
+    WindowAggregate,
+)
+from tests.reference import Record, assert_window_equal, expected_windows
+
+T0 = 1_700_000_040_000  # a minute boundary
+MIN = 60_000
+
+
+def q(symbol: str, ts: int, price: float = 100.0, volume: float | None = 10.0) -> Quote:
+    return Quote(symbol=symbol, current_price=price, market_timestamp=ts, source="simulator",
+                 volume=volume)
+
+
+def engine() -> PartitionWindows:
+    return PartitionWindows(size_ms=MIN, grace_ms=5_000)
+
+
+def test_window_closes_on_event_time_after_grace_not_before() -> None:
+    w = engine()
+    w.apply(q("AAPL", T0 + 1_000), 0)
+    w.apply(q("AAPL", T0 + MIN + 4_999), 1)  # inside grace of the first window
+    assert w.closable() == []
+    w.apply(q("AAPL", T0 + MIN + 5_000), 2)  # watermark == end + grace
+    assert [(x.symbol, x.start_ms) for x in w.closable()] == [("AAPL", T0)]
+
+
+def test_event_within_grace_is_included_and_later_is_late() -> None:
+    w = engine()
+    w.apply(q("AAPL", T0 + 1_000, 10.0), 0)
+    w.apply(q("AAPL", T0 + MIN + 3_000, 11.0), 1)
+    inside = w.apply(q("AAPL", T0 + 59_000, 12.0), 2)  # out of order, within grace
+    assert isinstance(inside, Applied) and inside.window.count == 2
+    assert inside.window.close == 12.0
+    w.apply(q("AAPL", T0 + MIN + 6_000, 11.0), 3)
+    late = w.apply(q("AAPL", T0 + 30_000, 13.0), 4)
+    assert isinstance(late, Late)
+    assert "watermark" in late.reason
+
+
+def test_open_close_follow_event_time_not_arrival() -> None:
+    w = engine()
+    w.apply(q("X", T0 + 30_000, 2.0), 0)
+    w.apply(q("X", T0 + 10_000, 1.0), 1)  # earlier event time arrives later: the open
+    w.apply(q("X", T0 + 50_000, 3.0), 2)
+    w.apply(q("X", T0 + 40_000, 4.0), 3)
+    window = w.open[("X", T0)]
+    assert (window.open, window.close, window.min, window.max) == (1.0, 3.0, 1.0, 4.0)
+    assert window.count == 4 and window.sum == 10.0
+    assert (window.first_event_ms, window.last_event_ms) == (T0 + 10_000, T0 + 50_000)
+
+
+def test_vwap_and_volume_null_without_volume() -> None:
+    w = engine()
+    w.apply(q("A", T0, 10.0, None), 0)
+    w.apply(q("A", T0 + 1, 20.0, None), 1)
+    record = w.open[("A", T0)].to_record()
+    assert record["volume"] is None and record["vwap"] is None
+    w.apply(q("B", T0, 10.0, 1.0), 2)
+    w.apply(q("B", T0 + 1, 20.0, 3.0), 3)
+    record = w.open[("B", T0)].to_record()
+    assert record["volume"] == 4.0 and record["vwap"] == 17.5
+    assert record["window_start"] == "2023-11-14T22:14:00.000Z"
+    assert record["window_end"] == "2023-11-14T22:15:00.000Z"
+
+
+def test_replay_of_an_applied_record_is_not_counted_twice() -> None:
+    w = engine()
+    w.apply(q("A", T0), 5)
+    assert isinstance(w.apply(q("A", T0), 5), AlreadyApplied)
+    assert w.open[("A", T0)].count == 1
+
+
+def test_restored_state_after_crash_gives_the_same_result() -> None:
+    """Crash after some window writes but before the clock checkpoint: replaying from the
+    committed offset reproduces exactly the uninterrupted result."""
+    quotes = [q("A", T0 + i * 7_000, 100.0 + i) for i in range(30)]
+    straight = engine()
+    for offset, quote in enumerate(quotes):
+        straight.apply(quote, offset)
+    # A restarted worker sees the table as of offset 17 (window writes persisted) but
+    # the clock only as of the last checkpoint; the consumer restarts from offset 10.
+    crashed = engine()
+    for offset, quote in enumerate(quotes[:18]):
+        crashed.apply(quote, offset)
+    restored = PartitionWindows(
+        MIN, 5_000, clock=PartitionClock(), open={
+            k: WindowAggregate.from_state(v.to_state()) for k, v in crashed.open.items()
+        })
+    for offset, quote in enumerate(quotes[10:], start=10):
+        restored.apply(quote, offset)
+    assert {k: v.to_record() for k, v in restored.open.items()} == {
+        k: v.to_record() for k, v in straight.open.items()
+    }
+
+
+def test_partitions_are_independent() -> None:
+    """Unlike Faust's shared last_closed_window, partition 0 racing ahead neither closes nor
+    drops partition 1's windows."""
+    p0, p1 = engine(), engine()
+    p1.apply(q("B", T0 + 1_000), 0)
+    p0.apply(q("A", T0 + 10 * MIN), 0)
+    assert p1.closable() == [] and ("B", T0) in p1.open
+    assert isinstance(p1.apply(q("B", T0 + 2_000), 1), Applied)
+
+
+def test_no_wall_clock_involved_replaying_old_data() -> None:
+    """Month-old event times close windows only as event time advances (Faust closes on
+    time.time())."""
+    old = T0 - 30 * 24 * 3600 * 1000
+    w = engine()
+    w.apply(q("A", old), 0)
+    assert w.closable() == []
+    w.apply(q("A", old + MIN + 5_000), 1)
+    assert [x.start_ms for x in w.closable()] == [old]
+
+
+def test_flush_closes_everything_and_later_records_for_flushed_windows_are_late() -> None:
+    w = engine()
+    w.apply(q("A", T0 + 1_000), 0)
+    w.apply(q("B", T0 + MIN + 1_000), 1)
+    flushed = w.flush()
+    assert [(x.symbol, x.start_ms) for x in flushed] == [("A", T0), ("B", T0 + MIN)]
+    w.remove(flushed)
+    assert isinstance(w.apply(q("C", T0 + MIN + 2_000), 2), Late)
+    assert isinstance(w.apply(q("C", T0 + 2 * MIN), 3), Applied)
+
+
+def test_state_round_trip() -> None:
+    w = engine()
+    w.apply(q("A", T0 + 1, 5.0, None), 3)
+    agg = w.open[("A", T0)]
+    assert WindowAggregate.from_state(agg.to_state()) == agg
+    clock = PartitionClock(1, 2, 3, 4)
+    assert PartitionClock.from_state(clock.to_state()) == clock
+
+
+events = st.lists(
+    st.tuples(
+        st.sampled_from(["A", "B", "C"]),
+        st.integers(min_value=0, max_value=6 * MIN),
+        st.floats(min_value=0.01, max_value=1_000, allow_nan=False),
+        st.one_of(st.none(), st.floats(min_value=0, max_value=1e6)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events)
+def test_engine_matches_batch_recomputation(evts: list[tuple[str, int, float, float | None]]) -> None:
+    w = engine()
+    emitted: dict[tuple[str, int], dict[str, object]] = {}
+    late = []
+    records = []
+    for offset, (symbol, dt, price, volume) in enumerate(evts):
+        quote = q(symbol, T0 + dt, price, volume)
+        records.append(Record(0, offset, symbol, price, T0 + dt, volume))
+        outcome = w.apply(quote, offset)
+        if isinstance(outcome, Late):
+            late.append(offset)
+        due = w.closable()
+        for window in due:
+            assert (window.symbol, window.start_ms) not in emitted  # exactly once
+            emitted[(window.symbol, window.start_ms)] = window.to_record()
+        w.remove(due)
+    for window in w.flush():
+        assert (window.symbol, window.start_ms) not in emitted
+        emitted[(window.symbol, window.start_ms)] = window.to_record()
+    expected, expected_late = expected_windows(records)
+    assert sorted(emitted) == sorted(expected)
+    for key, want in expected.items():
+        assert_window_equal(emitted[key], want)
+    assert late == [r.offset for r in expected_late]
