@@ -1,6 +1,6 @@
 """stockstream: real-time stock analytics on Kafka and Faust.
 
-`faust -A stockstream worker` finds the Faust app as `stockstream.app`. It is imported lazily so
+`faust -A stockstream worker` finds the Faust app as `stockstream.app` (built in application.py). It is imported lazily so
 that the producer, the CLI and unit tests can use the package without building a Faust app.
 """
 
@@ -9,7 +9,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from stockstream.app import app
+        from stockstream.application import app
 
         return app
     raise AttributeError(f"module 'stockstream' has no attribute {name!r}")

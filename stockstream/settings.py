@@ -107,6 +107,9 @@ class WorkerSettings:
     commit_interval_seconds: float = var(
         "STOCKSTREAM_COMMIT_INTERVAL_SECONDS", 2.8, _positive, "must be > 0"
     )
+    session_timeout_seconds: float = var(
+        "STOCKSTREAM_SESSION_TIMEOUT_SECONDS", 30.0, _positive, "must be > 0"
+    )
     consumer_auto_offset_reset: Literal["earliest", "latest"] = var(
         "STOCKSTREAM_AUTO_OFFSET_RESET", "earliest"
     )

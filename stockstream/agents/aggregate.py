@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from stockstream.app import (
+from stockstream.application import (
     aggregated_topic,
     aggregation_input,
     app,

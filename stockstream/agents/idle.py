@@ -16,7 +16,7 @@ import time
 import orjson
 
 from stockstream.agents.aggregate import state
-from stockstream.app import app, clock_topic, settings
+from stockstream.application import app, clock_topic, settings
 
 log = logging.getLogger(__name__)
 

@@ -37,10 +37,8 @@ async def emitted_since(
         begin = (await consumer.beginning_offsets([tp]))[tp]
         end = (await consumer.end_offsets([tp]))[tp]
         start = max(after_offset + 1, begin)
-        if start >= end:
-            return newest, last
         consumer.seek(tp, start)
-        while last < end - 1:
+        while start < end and last < end - 1:
             batches = await consumer.getmany(tp, timeout_ms=1000)
             for record in batches.get(tp, []):
                 last = record.offset

@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stockstream.agents.aggregate import state
-from stockstream.app import app, settings
+from stockstream.application import app, settings
 from stockstream.contracts import iso_utc
 from stockstream.metrics import REGISTRY
 

@@ -7,6 +7,7 @@ bad records -> `stock-quotes-dlq`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -22,6 +23,7 @@ class StockstreamApp(faust.App):
     settings: Settings
 
     async def on_first_start(self) -> None:
+        Path(self.conf.datadir).mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
         await ensure_topics(self.settings)
 
@@ -35,6 +37,9 @@ def create_app(settings: Settings) -> StockstreamApp:
         datadir=str(settings.data_dir / "faust"),
         processing_guarantee=worker.processing_guarantee,
         broker_commit_interval=worker.commit_interval_seconds,
+        # How long a crashed worker's partitions stay unassigned before others take them.
+        broker_session_timeout=worker.session_timeout_seconds,
+        broker_heartbeat_interval=min(3.0, worker.session_timeout_seconds / 3),
         consumer_auto_offset_reset=worker.consumer_auto_offset_reset,
         topic_partitions=settings.kafka.partitions,
         topic_replication_factor=settings.kafka.replication_factor,
