@@ -1,6 +1,7 @@
 """stockstream: real-time stock analytics on Kafka and Faust.
 
-`faust -A stockstream worker` finds the Faust app as `stockstream.app` (built in application.py). It is imported lazily so
+`faust -A stockstream worker` finds the Faust app as `stockstream.app` (built in
+application.py). It is imported lazily so
 that the producer, the CLI and unit tests can use the package without building a Faust app.
 """
 

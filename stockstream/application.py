@@ -7,7 +7,6 @@ bad records -> `stock-quotes-dlq`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import faust
@@ -23,7 +22,6 @@ class StockstreamApp(faust.App):
     settings: Settings
 
     async def on_first_start(self) -> None:
-        Path(self.conf.datadir).mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
         await ensure_topics(self.settings)
 
@@ -54,6 +52,8 @@ def create_app(settings: Settings) -> StockstreamApp:
         stream_wait_empty=True,
     )
     app.settings = settings
+    # Faust creates only the last path component of its datadir.
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     return app
 
 

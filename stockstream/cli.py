@@ -1,5 +1,5 @@
 """`stockstream` command: the project's own operations (the worker itself is `faust -A stockstream
-worker`). Sub-commands: `produce`, `topics`, `config`."""
+worker`). Sub-commands: `produce`, `topics`, `tail`, `config`."""
 
 from __future__ import annotations
 
@@ -100,6 +100,36 @@ async def _topics(settings: Settings) -> int:
     return 0
 
 
+async def _tail(settings: Settings, which: str, from_beginning: bool) -> int:
+    """Print a topic's records as JSON lines until interrupted (a debugging aid)."""
+    from aiokafka import AIOKafkaConsumer
+
+    from stockstream.topics import bootstrap_list
+
+    topic = {
+        "quotes": settings.kafka.quotes_topic,
+        "aggregated": settings.kafka.aggregated_topic,
+        "dlq": settings.kafka.dlq_topic,
+    }[which]
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap_list(settings),
+        group_id=None,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        isolation_level="read_committed",
+    )
+    await consumer.start()
+    try:
+        async for record in consumer:
+            value = record.value.decode("utf-8", "replace") if record.value else None
+            print(f"{record.partition}:{record.offset}\t{value}", flush=True)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await consumer.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stockstream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument(
         "--fast", action="store_true", help="send as fast as possible instead of in real time"
     )
+    tail = sub.add_parser("tail", help="print records of a topic as they arrive")
+    tail.add_argument("which", choices=["quotes", "aggregated", "dlq"])
+    tail.add_argument("--from-beginning", action="store_true")
     sub.add_parser("topics", help="create the topics (idempotent) and list them")
     sub.add_parser("config", help="print the effective configuration (secrets masked)")
     return parser
@@ -130,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         return _config(settings)
     if args.command == "topics":
         return asyncio.run(_topics(settings))
+    if args.command == "tail":
+        try:
+            return asyncio.run(_tail(settings, args.which, args.from_beginning))
+        except KeyboardInterrupt:
+            return 0
     return asyncio.run(_produce(settings, args))
 
 

@@ -128,7 +128,9 @@ class QuoteValidator:
         except orjson.JSONDecodeError as exc:
             raise ContractError(Reason.MALFORMED, f"not UTF-8 JSON: {exc}") from None
         if not isinstance(data, dict):
-            raise ContractError(Reason.MALFORMED, f"expected a JSON object, got {type(data).__name__}")
+            raise ContractError(
+                Reason.MALFORMED, f"expected a JSON object, got {type(data).__name__}"
+            )
         return self.validate(key, data, now_ms)
 
     def validate(self, key: bytes | None, data: dict[str, Any], now_ms: int) -> Quote:
@@ -136,12 +138,16 @@ class QuoteValidator:
         if not isinstance(symbol, str):
             raise ContractError(Reason.INVALID, "missing or non-string field 'symbol'")
         if not self._symbol.match(symbol):
-            raise ContractError(Reason.INVALID, f"symbol {symbol!r} does not match the symbol format")
+            raise ContractError(
+                Reason.INVALID, f"symbol {symbol!r} does not match the symbol format"
+            )
         # Windows are per partition: a record keyed differently lands on another partition
         # than its symbol's other quotes and would split that symbol's windows.
         if key is None or key != symbol.encode():
             shown = None if key is None else key.decode("utf-8", "replace")
-            raise ContractError(Reason.INVALID, f"record key {shown!r} must equal symbol {symbol!r}")
+            raise ContractError(
+                Reason.INVALID, f"record key {shown!r} must equal symbol {symbol!r}"
+            )
         price = _number(data, "current_price", required=True)
         assert price is not None
         if price <= 0:
@@ -177,8 +183,10 @@ class QuoteValidator:
 
 
 def iso_utc(epoch_ms: int) -> str:
-    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
+    return (
+        datetime.fromtimestamp(epoch_ms / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
     )
 
 
@@ -227,4 +235,6 @@ def original_bytes(record: dict[str, Any]) -> tuple[bytes | None, bytes | None]:
             return None
         return base64.b64decode(text) if is_b64 else text.encode("utf-8")
 
-    return decode(record["key"], record["key_base64"]), decode(record["value"], record["value_base64"])
+    return decode(record["key"], record["key_base64"]), decode(
+        record["value"], record["value_base64"]
+    )

@@ -54,7 +54,9 @@ class TextFormatter(logging.Formatter):
 
 def logging_config(level: str, fmt: str) -> dict[str, Any]:
     """A dictConfig for our formatter; also handed to Faust so its worker logs the same way."""
-    formatter = "stockstream.logs.JsonFormatter" if fmt == "json" else "stockstream.logs.TextFormatter"
+    formatter = (
+        "stockstream.logs.JsonFormatter" if fmt == "json" else "stockstream.logs.TextFormatter"
+    )
     return {
         "version": 1,
         "disable_existing_loggers": False,

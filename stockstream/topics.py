@@ -8,6 +8,7 @@ already emitted. `ensure_topics` creates missing topics and refuses mismatched o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -43,9 +44,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(k.aggregated_topic, k.partitions, {}, copartitioned=True),
         TopicSpec(k.dlq_topic, k.partitions, {}, copartitioned=False),
         # Ticks are only meaningful for a few seconds; a day keeps them for debugging.
-        TopicSpec(
-            clock_topic_name(settings), k.partitions, {"retention.ms": "86400000"}, True
-        ),
+        TopicSpec(clock_topic_name(settings), k.partitions, {"retention.ms": "86400000"}, True),
     ]
 
 
@@ -61,7 +60,8 @@ async def ensure_topics(settings: Settings) -> None:
         existing = set(await admin.list_topics())
         missing = [s for s in specs if s.name not in existing]
         if missing:
-            try:
+            # Another process may create one between list and create: that is fine.
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(
                     [
                         NewTopic(
@@ -73,8 +73,6 @@ async def ensure_topics(settings: Settings) -> None:
                         for s in missing
                     ]
                 )
-            except TopicAlreadyExistsError:
-                pass  # another process created it between list and create
             for s in missing:
                 log.info("created topic", extra={"topic": s.name, "partitions": s.partitions})
         described = await admin.describe_topics([s.name for s in specs])

@@ -224,7 +224,7 @@ async def aggregate(stream: Any) -> None:
                 )
 
 
-@app.on_partitions_revoked.connect
+@app.on_partitions_revoked.connect  # type: ignore[arg-type]
 async def _on_revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
     partitions = {tp.partition for tp in revoked if tp.topic == settings.kafka.quotes_topic}
     state.forget(partitions)

@@ -139,8 +139,12 @@ class Produced:
     invalid: list[tuple[int, int]]  # (partition, offset) of records that must be dead-lettered
 
 
-def dataset(symbols: int = 24, minutes: int = 40, per_minute: int = 12, seed: int = 7,
-            ) -> list[tuple[bytes, bytes, bool]]:
+def dataset(
+    symbols: int = 24,
+    minutes: int = 40,
+    per_minute: int = 12,
+    seed: int = 7,
+) -> list[tuple[bytes, bytes, bool]]:
     """(key, value, valid) in send order: per symbol a price walk over `minutes`, shuffled
     locally (out of order within grace), a few events far behind (late) and bad records."""
     rng = random.Random(seed)
@@ -161,8 +165,13 @@ def dataset(symbols: int = 24, minutes: int = 40, per_minute: int = 12, seed: in
             events[i], events[i + 1] = events[i + 1], events[i]
     out: list[tuple[bytes, bytes, bool]] = []
     for i, (ts, name, price, volume) in enumerate(events):
-        body = {"symbol": name, "current_price": price, "market_timestamp": ts,
-                "source": "replay", "volume": volume}
+        body = {
+            "symbol": name,
+            "current_price": price,
+            "market_timestamp": ts,
+            "source": "replay",
+            "volume": volume,
+        }
         out.append((name.encode(), json.dumps(body).encode(), True))
         if i % 997 == 500:  # late: two minutes behind the watermark
             late = {**body, "market_timestamp": ts - 120_000}
@@ -175,8 +184,9 @@ def dataset(symbols: int = 24, minutes: int = 40, per_minute: int = 12, seed: in
 
 
 async def produce(bootstrap: str, topic: str, rows: list[tuple[bytes, bytes, bool]]) -> Produced:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                linger_ms=20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=20
+    )
     await producer.start()
     try:
         futures = [await producer.send(topic, value=v, key=k) for k, v, _ in rows]
@@ -190,22 +200,40 @@ async def produce(bootstrap: str, topic: str, rows: list[tuple[bytes, bytes, boo
             invalid.append((meta.partition, meta.offset))
             continue
         body = json.loads(value)
-        records.append(Record(meta.partition, meta.offset, body["symbol"],
-                              body["current_price"], body["market_timestamp"], body["volume"]))
+        records.append(
+            Record(
+                meta.partition,
+                meta.offset,
+                body["symbol"],
+                body["current_price"],
+                body["market_timestamp"],
+                body["volume"],
+            )
+        )
     return Produced(records, invalid)
 
 
-async def read_all(bootstrap: str, topic: str, until: int | None = None,
-                   timeout: float = 120.0, settle: float = 3.0) -> list[Any]:
+async def read_all(
+    bootstrap: str,
+    topic: str,
+    until: int | None = None,
+    wait_s: float = 120.0,
+    settle: float = 3.0,
+) -> list[Any]:
     """Every record of `topic` (read_committed): waits until `until` records arrived (or the
     timeout), then keeps reading for `settle` seconds to catch duplicates."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                                auto_offset_reset="earliest", isolation_level="read_committed",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     out: list[Any] = []
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_s
         settle_until: float | None = None
         while time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=500)

@@ -4,6 +4,7 @@ across a SIGKILL of the worker."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,9 +33,10 @@ def check_output(windows: list[Any], dlq: list[Any], produced: Produced, stack: 
     duplicates = [k for k, n in Counter(keys).items() if n > 1]
     assert duplicates == [], f"windows emitted more than once: {duplicates[:5]}"
     assert set(keys) == set(expected), (
-        f"missing {sorted(set(expected) - set(keys))[:5]}, extra {sorted(set(keys) - set(expected))[:5]}"
+        f"missing {sorted(set(expected) - set(keys))[:5]}, "
+        f"extra {sorted(set(keys) - set(expected))[:5]}"
     )
-    for partition, _, key, value in windows:
+    for _, _, key, value in windows:
         assert key == value["symbol"].encode()
         assert "__faust" not in value
         assert_window_equal(value, expected[(value["symbol"], value["window_start_ms"])])
@@ -65,7 +67,7 @@ async def test_windows_exactly_once_and_equal_to_recomputation(
         worker.wait_ready()
         windows = await read_all(kafka_bootstrap, stack.aggregated, until=len(expected))
         dlq = await read_all(
-            kafka_bootstrap, stack.dlq, until=len(late) + len(produced.invalid), timeout=30
+            kafka_bootstrap, stack.dlq, until=len(late) + len(produced.invalid), wait_s=30
         )
         status, open_windows = worker.get("/windows/")
         assert status == 200
@@ -84,8 +86,9 @@ async def test_sigkill_mid_stream_loses_nothing_and_emits_nothing_twice(
 ) -> None:
     stack = Stack(kafka_bootstrap, tmp_path / "data")
     await create_topics(stack)
-    produced = await produce(kafka_bootstrap, stack.quotes, dataset(symbols=30, minutes=40,
-                                                                     seed=11))
+    produced = await produce(
+        kafka_bootstrap, stack.quotes, dataset(symbols=30, minutes=40, seed=11)
+    )
     expected, late = expected_windows(produced.records)
     first = Worker(stack, tmp_path / "worker-1.log")
     try:
@@ -93,7 +96,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_emits_nothing_twice(
         deadline = time.monotonic() + 120
         while await end_offsets(kafka_bootstrap, stack.aggregated, 3) < len(expected) // 3:
             assert time.monotonic() < deadline, first.tail()
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
     finally:
         first.kill()
     emitted_at_kill = await end_offsets(kafka_bootstrap, stack.aggregated, 3)
@@ -101,10 +104,9 @@ async def test_sigkill_mid_stream_loses_nothing_and_emits_nothing_twice(
     second = Worker(stack, tmp_path / "worker-2.log")
     try:
         second.wait_ready()
-        windows = await read_all(kafka_bootstrap, stack.aggregated, until=len(expected),
-                                 settle=5.0)
+        windows = await read_all(kafka_bootstrap, stack.aggregated, until=len(expected), settle=5.0)
         dlq = await read_all(
-            kafka_bootstrap, stack.dlq, until=len(late) + len(produced.invalid), timeout=30
+            kafka_bootstrap, stack.dlq, until=len(late) + len(produced.invalid), wait_s=30
         )
     finally:
         second.stop()

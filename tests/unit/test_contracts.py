@@ -60,8 +60,10 @@ def test_valid_quote_round_trips() -> None:
 
 
 def test_optional_fields_may_be_absent() -> None:
-    quote = parse({"symbol": "MSFT", "current_price": 1, "market_timestamp": NOW,
-                   "source": "simulator"}, key=b"MSFT")
+    quote = parse(
+        {"symbol": "MSFT", "current_price": 1, "market_timestamp": NOW, "source": "simulator"},
+        key=b"MSFT",
+    )
     assert quote.volume is None and quote.day_high is None and quote.fetched_at is None
 
 
@@ -121,11 +123,27 @@ def test_key_must_equal_symbol() -> None:
 
 def test_dead_letter_keeps_original_bytes_text_or_base64() -> None:
     for key, value in [(b"AAPL", b'{"a":1}'), (b"\xff", b"\x00\xff\xfe"), (None, None)]:
-        record = dead_letter(key=key, value=value, topic="stock-quotes", partition=2, offset=7,
-                             reason=Reason.MALFORMED, error="x", failed_at_ms=NOW)
+        record = dead_letter(
+            key=key,
+            value=value,
+            topic="stock-quotes",
+            partition=2,
+            offset=7,
+            reason=Reason.MALFORMED,
+            error="x",
+            failed_at_ms=NOW,
+        )
         assert orjson.loads(orjson.dumps(record)) == record
         assert original_bytes(record) == (key, value)
-    record = dead_letter(key=b"\xff", value=b"ok", topic="t", partition=0, offset=1,
-                         reason=Reason.LATE, error="late", failed_at_ms=NOW)
+    record = dead_letter(
+        key=b"\xff",
+        value=b"ok",
+        topic="t",
+        partition=0,
+        offset=1,
+        reason=Reason.LATE,
+        error="late",
+        failed_at_ms=NOW,
+    )
     assert record["key_base64"] is True and record["value_base64"] is False
     assert record["reason"] == "late" and record["failed_at"].endswith("Z")

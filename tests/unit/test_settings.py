@@ -12,8 +12,9 @@ from stockstream.settings import SettingsError, documented_variables, load_setti
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load(env: dict[str, str], tmp_path: Path, dotenv: str = "", profile: str = "",
-         name: str = "dev") -> object:
+def load(
+    env: dict[str, str], tmp_path: Path, dotenv: str = "", profile: str = "", name: str = "dev"
+) -> object:
     (tmp_path / ".env").write_text(dotenv)
     config = tmp_path / "config"
     config.mkdir(exist_ok=True)
@@ -30,8 +31,13 @@ def test_defaults(tmp_path: Path) -> None:
 
 def test_precedence_env_over_dotenv_over_profile(tmp_path: Path) -> None:
     profile = "KAFKA_PARTITIONS: 6\nAGG_GRACE_SECONDS: 9\nLOG_FORMAT: text\n"
-    s = load({"STOCKSTREAM_ENV": "staging", "KAFKA_PARTITIONS": "12"}, tmp_path,
-             dotenv="AGG_GRACE_SECONDS=7\n", profile=profile, name="staging")
+    s = load(
+        {"STOCKSTREAM_ENV": "staging", "KAFKA_PARTITIONS": "12"},
+        tmp_path,
+        dotenv="AGG_GRACE_SECONDS=7\n",
+        profile=profile,
+        name="staging",
+    )
     assert s.kafka.partitions == 12  # type: ignore[attr-defined]
     assert s.aggregation.grace_seconds == 7.0  # type: ignore[attr-defined]
     assert s.log.format == "text"  # type: ignore[attr-defined]
@@ -49,9 +55,15 @@ def test_precedence_env_over_dotenv_over_profile(tmp_path: Path) -> None:
         ({"STOCKSTREAM_ENV": "prod"}, "STOCKSTREAM_ENV: profile"),
         ({"STOCKSTREAM_WEB_PORT": "70000"}, "STOCKSTREAM_WEB_PORT: must be a TCP port"),
         ({"QUOTE_SYMBOL_PATTERN": "("}, "QUOTE_SYMBOL_PATTERN: not a valid regular expression"),
+        (
+            {"STOCKSTREAM_PROCESSING_GUARANTEE": "exactly_once"},
+            "STOCKSTREAM_PROCESSING_GUARANTEE: exactly_once is not supported",
+        ),
     ],
 )
-def test_invalid_values_name_the_variable(tmp_path: Path, env: dict[str, str], message: str) -> None:
+def test_invalid_values_name_the_variable(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
         load(env, tmp_path)
 
@@ -84,8 +96,9 @@ def test_env_example_documents_every_variable() -> None:
 
 def test_profiles_shipped_are_valid() -> None:
     for name in ("dev", "staging", "prod"):
-        s = load_settings(environ={"STOCKSTREAM_ENV": name}, dotenv_path=None,
-                          config_dir=ROOT / "config")
+        s = load_settings(
+            environ={"STOCKSTREAM_ENV": name}, dotenv_path=None, config_dir=ROOT / "config"
+        )
         assert s.env == name
 
 
@@ -93,11 +106,16 @@ def test_json_log_line_carries_context() -> None:
     import json
     import logging
 
-    record = logging.LogRecord("stockstream.x", logging.WARNING, __file__, 1, "dead-lettered",
-                               None, None)
+    record = logging.LogRecord(
+        "stockstream.x", logging.WARNING, __file__, 1, "dead-lettered", None, None
+    )
     record.symbol, record.partition, record.offset, record.topic = "AAPL", 2, 41, "stock-quotes"
     line = json.loads(JsonFormatter().format(record))
     assert line["level"] == "WARNING" and line["message"] == "dead-lettered"
     assert (line["symbol"], line["partition"], line["offset"], line["topic"]) == (
-        "AAPL", 2, 41, "stock-quotes")
+        "AAPL",
+        2,
+        41,
+        "stock-quotes",
+    )
     assert line["time"].endswith("+00:00")

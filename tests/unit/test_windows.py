@@ -21,8 +21,9 @@ MIN = 60_000
 
 
 def q(symbol: str, ts: int, price: float = 100.0, volume: float | None = 10.0) -> Quote:
-    return Quote(symbol=symbol, current_price=price, market_timestamp=ts, source="simulator",
-                 volume=volume)
+    return Quote(
+        symbol=symbol, current_price=price, market_timestamp=ts, source="simulator", volume=volume
+    )
 
 
 def engine() -> PartitionWindows:
@@ -97,9 +98,11 @@ def test_restored_state_after_crash_gives_the_same_result() -> None:
     for offset, quote in enumerate(quotes[:18]):
         crashed.apply(quote, offset)
     restored = PartitionWindows(
-        MIN, 5_000, clock=PartitionClock(), open={
-            k: WindowAggregate.from_state(v.to_state()) for k, v in crashed.open.items()
-        })
+        MIN,
+        5_000,
+        clock=PartitionClock(),
+        open={k: WindowAggregate.from_state(v.to_state()) for k, v in crashed.open.items()},
+    )
     for offset, quote in enumerate(quotes[10:], start=10):
         restored.apply(quote, offset)
     assert {k: v.to_record() for k, v in restored.open.items()} == {
@@ -161,7 +164,9 @@ events = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(events)
-def test_engine_matches_batch_recomputation(evts: list[tuple[str, int, float, float | None]]) -> None:
+def test_engine_matches_batch_recomputation(
+    evts: list[tuple[str, int, float, float | None]],
+) -> None:
     w = engine()
     emitted: dict[tuple[str, int], dict[str, object]] = {}
     late = []

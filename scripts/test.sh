@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, types, unit tests, then integration tests against real services
+# (a Kafka broker started by scripts/kafka.sh on port 19092, stopped afterwards).
+# Extra arguments go to pytest, e.g. `scripts/test.sh -m "not integration"`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+"$ROOT/scripts/bootstrap.sh"
+VENV="${STOCKSTREAM_VENV:-$ROOT/.venv}"
+export PATH="$VENV/bin:$PATH"
+
+echo "== ruff"; ruff check stockstream tests benchmarks
+echo "== mypy"; mypy
+echo "== pytest"; python -m pytest "$@"
