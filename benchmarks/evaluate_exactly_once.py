@@ -57,7 +57,7 @@ async def evaluate(bootstrap: str, kill: bool, workdir: Path) -> bool:
     windows = await read_all(bootstrap, stack.aggregated, until=len(expected), wait_s=150)
     dlq = await read_all(bootstrap, stack.dlq, until=len(late) + len(produced.invalid), wait_s=30)
     worker.stop()
-    keys = Counter((v["symbol"], v["window_start_ms"]) for _, _, _, v in windows)
+    keys = Counter((v["symbol"], v["window_start_ms"]) for _, _, _, v, _ in windows)
     print(
         f"windows expected {len(expected)}, read (read_committed) {len(windows)}, "
         f"distinct {len(keys)}, duplicated {sum(1 for n in keys.values() if n > 1)}, "

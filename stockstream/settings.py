@@ -130,6 +130,12 @@ class ProducerSettings:
     batch_bytes: int = var("PRODUCER_BATCH_BYTES", 262144, _positive, "must be > 0")
     compression: Literal["none", "gzip", "lz4", "zstd"] = var("PRODUCER_COMPRESSION", "lz4")
     request_timeout_ms: int = var("PRODUCER_REQUEST_TIMEOUT_MS", 30000, _positive, "must be > 0")
+    # A record not acknowledged within this time goes to the local spool instead.
+    delivery_timeout_seconds: float = var(
+        "PRODUCER_DELIVERY_TIMEOUT_SECONDS", 60.0, _positive, "must be > 0"
+    )
+    spool_dir: Path = var("PRODUCER_SPOOL_DIR", Path("data/spool"))
+    spool_retry_seconds: float = var("PRODUCER_SPOOL_RETRY_SECONDS", 5.0, _positive, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,31 @@ class SimulatorSettings:
 class FinnhubSettings:
     api_key: Secret = var("FINNHUB_API_KEY", Secret(""))
     symbols: tuple[str, ...] = var("STOCK_SYMBOLS", ("AAPL", "MSFT", "TSLA", "GOOGL", "AMZN"))
+    base_url: str = var("FINNHUB_BASE_URL", "https://finnhub.io/api/v1")
+    ws_url: str = var("FINNHUB_WS_URL", "wss://ws.finnhub.io")
+    poll_interval_seconds: float = var(
+        "FINNHUB_POLL_INTERVAL_SECONDS", 15.0, _positive, "must be > 0"
+    )
+    calls_per_minute: int = var("FINNHUB_CALLS_PER_MINUTE", 60, _positive, "must be > 0")
+    max_calls_per_second: int = var("FINNHUB_MAX_CALLS_PER_SECOND", 30, _positive, "must be > 0")
+    timeout_seconds: float = var("FINNHUB_TIMEOUT_SECONDS", 10.0, _positive, "must be > 0")
+    max_retries: int = var("FINNHUB_MAX_RETRIES", 5, _non_negative, "must be >= 0")
+    backoff_initial_seconds: float = var(
+        "FINNHUB_BACKOFF_INITIAL_SECONDS", 0.5, _positive, "must be > 0"
+    )
+    backoff_max_seconds: float = var("FINNHUB_BACKOFF_MAX_SECONDS", 30.0, _positive, "must be > 0")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    # The URL may carry a password, so it is a secret.
+    redis_url: Secret = var("REDIS_URL", Secret(""))
+    quote_ttl_seconds: float = var("CACHE_QUOTE_TTL_SECONDS", 10.0, _positive, "must be > 0")
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    speed: float = var("REPLAY_SPEED", 1.0, _non_negative, "must be >= 0 (0 = as fast as possible)")
 
 
 @dataclass(frozen=True)
@@ -156,6 +187,8 @@ class Settings:
     producer: ProducerSettings = field(default_factory=ProducerSettings)
     simulator: SimulatorSettings = field(default_factory=SimulatorSettings)
     finnhub: FinnhubSettings = field(default_factory=FinnhubSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
 
 
 def _convert(name: str, raw: str, kind: Any, secret: bool) -> Any:

@@ -8,6 +8,7 @@ already emitted. `ensure_topics` creates missing topics and refuses mismatched o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -52,6 +53,18 @@ def bootstrap_list(settings: Settings) -> list[str]:
     return [s.strip() for s in settings.kafka.bootstrap_servers.split(",") if s.strip()]
 
 
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, int]:
+    # Right after creation the metadata may not list a topic's partitions yet.
+    counts: dict[str, int] = {}
+    for _ in range(50):
+        described = await admin.describe_topics(names)
+        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        if all(counts.get(name, 0) > 0 for name in names):
+            break
+        await asyncio.sleep(0.2)
+    return counts
+
+
 async def ensure_topics(settings: Settings) -> None:
     specs = topic_specs(settings)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_list(settings))
@@ -75,8 +88,7 @@ async def ensure_topics(settings: Settings) -> None:
                 )
             for s in missing:
                 log.info("created topic", extra={"topic": s.name, "partitions": s.partitions})
-        described = await admin.describe_topics([s.name for s in specs])
-        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        counts = await _partition_counts(admin, [s.name for s in specs])
         for spec in specs:
             actual = counts.get(spec.name, 0)
             if spec.copartitioned and actual != spec.partitions:

@@ -86,7 +86,8 @@ async def _send_with_retry(window: WindowAggregate, partition: int) -> Any:
                 key=window.symbol.encode(),
                 value=orjson.dumps(window.to_record()),
                 partition=partition,
-                timestamp=window.end_ms / 1000,
+                # No event-time record timestamp: the broker's time-based retention would
+                # delete replayed (old) windows at once. Event time is in the payload.
             )
             return await fut
         except Exception as exc:  # broker errors surface as many aiokafka types

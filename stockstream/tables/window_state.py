@@ -12,11 +12,14 @@ idempotent (see tables/windows.py).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 from stockstream.tables.windows import PartitionClock, PartitionWindows, WindowAggregate
+
+log = logging.getLogger(__name__)
 
 
 def window_key(partition: int, window: WindowAggregate) -> str:
@@ -45,14 +48,25 @@ class WindowState:
     def load(self, partition: int) -> PartitionWindows:
         """Rebuild the mirror of one partition from the (recovered) table."""
         windows = PartitionWindows(self._size_ms, self._grace_ms)
-        prefix = f"w|{partition}|"
-        for key, value in self._table.items():
-            if value is not None and key.startswith(prefix):
-                window = WindowAggregate.from_state(value)
-                windows.open[(window.symbol, window.start_ms)] = window
         clock = self._table.get(clock_key(partition))
         if clock is not None:
             windows.clock = PartitionClock.from_state(clock)
+        prefix = f"w|{partition}|"
+        stale = 0
+        for key, value in self._table.items():
+            if value is not None and key.startswith(prefix):
+                window = WindowAggregate.from_state(value)
+                # Every checkpoint closes all windows its watermark has passed, so a restored
+                # window the restored clock already covers was closed before: never re-emit it.
+                if windows.covers(window):
+                    stale += 1
+                    continue
+                windows.open[(window.symbol, window.start_ms)] = window
+        if stale:
+            log.warning(
+                "ignored restored windows the clock shows as closed",
+                extra={"partition": partition, "windows": stale},
+            )
         self._partitions[partition] = windows
         self.last_activity[partition] = time.monotonic()
         return windows

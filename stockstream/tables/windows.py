@@ -216,6 +216,13 @@ class PartitionWindows:
         self.clock.watermark_ms = max(self.clock.watermark_ms, ts)
         self.clock.last_offset = max(self.clock.last_offset, offset)
 
+    def covers(self, window: WindowAggregate) -> bool:
+        """True when this partition's clock has already closed `window`."""
+        return (
+            window.end_ms <= self.clock.closed_until_ms
+            or window.end_ms + self.grace_ms <= self.clock.watermark_ms
+        )
+
     def closable(self) -> list[WindowAggregate]:
         """Windows the watermark has passed (end + grace), oldest first."""
         limit = self.clock.watermark_ms - self.grace_ms

@@ -239,7 +239,7 @@ async def read_all(
             batches = await consumer.getmany(timeout_ms=500)
             for tp_records in batches.values():
                 for r in tp_records:
-                    out.append((r.partition, r.offset, r.key, json.loads(r.value)))
+                    out.append((r.partition, r.offset, r.key, json.loads(r.value), r.timestamp))
             if until is not None and len(out) >= until and settle_until is None:
                 settle_until = time.monotonic() + settle
             if settle_until is not None and time.monotonic() >= settle_until:

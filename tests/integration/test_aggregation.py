@@ -29,28 +29,31 @@ pytestmark = pytest.mark.integration
 
 def check_output(windows: list[Any], dlq: list[Any], produced: Produced, stack: Stack) -> None:
     expected, late = expected_windows(produced.records)
-    keys = [(v["symbol"], v["window_start_ms"]) for _, _, _, v in windows]
+    keys = [(v["symbol"], v["window_start_ms"]) for _, _, _, v, _ in windows]
     duplicates = [k for k, n in Counter(keys).items() if n > 1]
     assert duplicates == [], f"windows emitted more than once: {duplicates[:5]}"
     assert set(keys) == set(expected), (
         f"missing {sorted(set(expected) - set(keys))[:5]}, "
         f"extra {sorted(set(keys) - set(expected))[:5]}"
     )
-    for _, _, key, value in windows:
+    for _, _, key, value, timestamp_ms in windows:
         assert key == value["symbol"].encode()
         assert "__faust" not in value
         assert_window_equal(value, expected[(value["symbol"], value["window_start_ms"])])
         assert value["window_start"].endswith("Z") and value["window_end"].endswith("Z")
+        # Emit time, not the (replayed, months-old) event time: time-based retention would
+        # otherwise delete the windows as soon as the broker checks.
+        assert abs(timestamp_ms / 1000 - time.time()) < 3600
     # Output partition p holds exactly the windows of source partition p.
     source_partition = {r.symbol: r.partition for r in produced.records}
-    assert all(p == source_partition[v["symbol"]] for p, _, _, v in windows)
-    reasons = Counter(v["reason"] for _, _, _, v in dlq)
+    assert all(p == source_partition[v["symbol"]] for p, _, _, v, _ in windows)
+    reasons = Counter(v["reason"] for _, _, _, v, _ in dlq)
     assert reasons["late"] == len(late)
     assert reasons["malformed"] + reasons["invalid"] == len(produced.invalid)
-    dead = {(v["partition"], v["offset"]) for _, _, _, v in dlq}
+    dead = {(v["partition"], v["offset"]) for _, _, _, v, _ in dlq}
     assert {(r.partition, r.offset) for r in late} <= dead
     assert set(produced.invalid) <= dead
-    assert all(v["topic"] == stack.quotes for _, _, _, v in dlq)
+    assert all(v["topic"] == stack.quotes for _, _, _, v, _ in dlq)
 
 
 async def test_windows_exactly_once_and_equal_to_recomputation(

@@ -190,3 +190,14 @@ def test_engine_matches_batch_recomputation(
     for key, want in expected.items():
         assert_window_equal(emitted[key], want)
     assert late == [r.offset for r in expected_late]
+
+
+def test_clock_covers_windows_it_already_closed() -> None:
+    """A restored window the restored clock has passed is stale (closed before the crash)."""
+    w = engine()
+    w.apply(q("A", T0 + 1_000), 0)
+    w.apply(q("B", T0 + 3 * MIN), 1)
+    old, new = w.open[("A", T0)], w.open[("B", T0 + 3 * MIN)]
+    assert w.covers(old) and not w.covers(new)
+    w.clock = PartitionClock(watermark_ms=-1, closed_until_ms=T0 + 4 * MIN)
+    assert w.covers(new)
