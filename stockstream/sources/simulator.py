@@ -7,10 +7,11 @@ log-normal, and event time advances by 1/rate seconds per quote across all symbo
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from stockstream.contracts import Quote, Source
@@ -81,3 +82,23 @@ class Simulator:
                 prev_close=walk.prev_close,
             )
             produced += 1
+
+
+class SimulatorSource:
+    """The simulator as an async source: paced so event time follows the wall clock (a live
+    feed), or as fast as possible (`paced=False`) for bursts and benchmarks."""
+
+    def __init__(self, simulator: Simulator, *, count: int | None, paced: bool) -> None:
+        self._simulator = simulator
+        self._count = count
+        self._paced = paced
+
+    async def quotes(self) -> AsyncIterator[Quote]:
+        for n, quote in enumerate(self._simulator.quotes(self._count)):
+            if self._paced:
+                delay = quote.market_timestamp / 1000 - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            elif n % 1000 == 0:
+                await asyncio.sleep(0)  # let signal handlers and the producer run
+            yield quote
