@@ -69,6 +69,10 @@ def create_app(settings: Settings) -> StockstreamApp:
         datadir=str(settings.data_dir / "faust"),
         processing_guarantee=worker.processing_guarantee,
         broker_commit_interval=worker.commit_interval_seconds,
+        # Changelog records are fire-and-forget: batching them is most of the producer cost.
+        producer_linger=worker.producer_linger_seconds,
+        # Faust would otherwise read bare variables such as PRODUCER_LINGER_MS, which are ours.
+        env_prefix="FAUST_",
         # How long a crashed worker's partitions stay unassigned before others take them.
         broker_session_timeout=worker.session_timeout_seconds,
         broker_heartbeat_interval=min(3.0, worker.session_timeout_seconds / 3),

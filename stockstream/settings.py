@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,10 @@ class WorkerSettings:
     app_id: str = var("STOCKSTREAM_APP_ID", "stockstream")
     web_host: str = var("STOCKSTREAM_WEB_HOST", "127.0.0.1")
     web_port: int = var("STOCKSTREAM_WEB_PORT", 6066, _port, "must be a TCP port")
-    store: str = var("STOCKSTREAM_STORE", "rocksdb://")
+    store: str = var("STOCKSTREAM_STORE", "memory://")
+    producer_linger_seconds: float = var(
+        "STOCKSTREAM_PRODUCER_LINGER_SECONDS", 0.02, _non_negative, "must be >= 0"
+    )
     processing_guarantee: Literal["at_least_once", "exactly_once"] = var(
         "STOCKSTREAM_PROCESSING_GUARANTEE", "at_least_once"
     )
@@ -177,6 +181,51 @@ class ReplaySettings:
 
 
 @dataclass(frozen=True)
+class ArchiveSettings:
+    """The raw archive (bronze layer): S3/MinIO when S3_ENDPOINT is set, else a local folder."""
+
+    enabled: bool = var("ARCHIVE_ENABLED", True)
+    endpoint: str = var("S3_ENDPOINT", "")
+    access_key: Secret = var("S3_ACCESS_KEY", Secret(""))
+    secret_key: Secret = var("S3_SECRET_KEY", Secret(""))
+    secure: bool = var("S3_SECURE", True)
+    region: str = var("S3_REGION", "us-east-1")
+    bucket: str = var("S3_BUCKET", "stockstream-bronze")
+    local_dir: Path = var("ARCHIVE_LOCAL_DIR", Path("data/archive"))
+    batch_records: int = var("ARCHIVE_BATCH_RECORDS", 10000, _positive, "must be > 0")
+    batch_bytes: int = var("ARCHIVE_BATCH_BYTES", 8 * 1024 * 1024, _positive, "must be > 0")
+    batch_seconds: float = var("ARCHIVE_BATCH_SECONDS", 60.0, _positive, "must be > 0")
+    max_retries: int = var("ARCHIVE_MAX_RETRIES", 5, _non_negative, "must be >= 0")
+    backoff_initial_seconds: float = var(
+        "ARCHIVE_BACKOFF_INITIAL_SECONDS", 0.5, _positive, "must be > 0"
+    )
+    backoff_max_seconds: float = var("ARCHIVE_BACKOFF_MAX_SECONDS", 30.0, _positive, "must be > 0")
+    failure_policy: Literal["block", "dead-letter"] = var("ARCHIVE_FAILURE_POLICY", "block")
+
+
+@dataclass(frozen=True)
+class WarehouseSettings:
+    """Where closed windows are loaded: embedded DuckDB (default) or BigQuery."""
+
+    enabled: bool = var("WAREHOUSE_ENABLED", True)
+    backend: Literal["duckdb", "bigquery"] = var("WAREHOUSE_BACKEND", "duckdb")
+    duckdb_path: Path = var("DUCKDB_PATH", Path("data/warehouse.duckdb"))
+    bq_project: str = var("BQ_PROJECT", "")
+    bq_dataset: str = var("BQ_DATASET", "stock")
+    bq_table: str = var("BQ_TABLE", "aggregates_1m")
+    bq_location: str = var("BQ_LOCATION", "US")
+    # Service-account key file; empty = application default credentials.
+    bq_credentials_file: Path | None = var("BQ_CREDENTIALS_FILE", None)
+    # Only for emulators/tests: a custom API endpoint (anonymous credentials).
+    bq_api_endpoint: str = var("BQ_API_ENDPOINT", "")
+    batch_rows: int = var("WAREHOUSE_BATCH_ROWS", 500, _positive, "must be > 0")
+    batch_seconds: float = var("WAREHOUSE_BATCH_SECONDS", 5.0, _positive, "must be > 0")
+    retry_deadline_seconds: float = var(
+        "WAREHOUSE_RETRY_DEADLINE_SECONDS", 120.0, _positive, "must be > 0"
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     env: Literal["dev", "staging", "prod"] = var("STOCKSTREAM_ENV", "dev")
     data_dir: Path = var("STOCKSTREAM_DATA_DIR", Path("data"))
@@ -189,10 +238,14 @@ class Settings:
     finnhub: FinnhubSettings = field(default_factory=FinnhubSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     replay: ReplaySettings = field(default_factory=ReplaySettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    warehouse: WarehouseSettings = field(default_factory=WarehouseSettings)
 
 
 def _convert(name: str, raw: str, kind: Any, secret: bool) -> Any:
     shown = "<secret>" if secret else repr(raw)
+    if isinstance(kind, types.UnionType):  # `X | None`: an empty value already means None
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
     origin = get_origin(kind)
     if origin is Literal:
         choices = get_args(kind)
@@ -326,7 +379,7 @@ def documented_variables() -> list[tuple[str, str]]:
                 walk(hints[f.name])  # type: ignore[arg-type]
                 continue
             default = f.default
-            if isinstance(default, Secret):
+            if isinstance(default, Secret) or default is None:
                 shown = ""
             elif isinstance(default, tuple):
                 shown = ",".join(default)

@@ -61,7 +61,7 @@ class WindowState:
                 if windows.covers(window):
                     stale += 1
                     continue
-                windows.open[(window.symbol, window.start_ms)] = window
+                windows.restore(window)
         if stale:
             log.warning(
                 "ignored restored windows the clock shows as closed",

@@ -16,6 +16,7 @@ crash (at-least-once delivery) never counts a quote twice.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +176,19 @@ class PartitionWindows:
     grace_ms: int
     clock: PartitionClock = field(default_factory=PartitionClock)
     open: dict[tuple[str, int], WindowAggregate] = field(default_factory=dict)
+    # End of the oldest open window: lets `closable()` answer "nothing" without a scan.
+    _earliest_end: int = sys.maxsize
+
+    def __post_init__(self) -> None:
+        self._recompute_earliest()
+
+    def _recompute_earliest(self) -> None:
+        self._earliest_end = min((w.end_ms for w in self.open.values()), default=sys.maxsize)
+
+    def restore(self, window: WindowAggregate) -> None:
+        """Add a window recovered from the table."""
+        self.open[(window.symbol, window.start_ms)] = window
+        self._earliest_end = min(self._earliest_end, window.end_ms)
 
     def window_start(self, ts: int) -> int:
         return ts - ts % self.size_ms
@@ -202,6 +216,7 @@ class PartitionWindows:
         if window is None:
             window = WindowAggregate.first(quote, start, self.size_ms, offset)
             self.open[key] = window
+            self._earliest_end = min(self._earliest_end, end)
         else:
             window.add(quote, offset)
         self._advance(quote.market_timestamp, offset)
@@ -226,6 +241,8 @@ class PartitionWindows:
     def closable(self) -> list[WindowAggregate]:
         """Windows the watermark has passed (end + grace), oldest first."""
         limit = self.clock.watermark_ms - self.grace_ms
+        if self._earliest_end > limit:
+            return []
         due = [w for w in self.open.values() if w.end_ms <= limit]
         due.sort(key=lambda w: (w.start_ms, w.symbol))
         return due
@@ -240,3 +257,4 @@ class PartitionWindows:
     def remove(self, windows: list[WindowAggregate]) -> None:
         for window in windows:
             self.open.pop((window.symbol, window.start_ms), None)
+        self._recompute_earliest()
