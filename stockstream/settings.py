@@ -90,6 +90,8 @@ class AggregationSettings:
     grace_seconds: float = var("AGG_GRACE_SECONDS", 5.0, _non_negative, "must be >= 0")
     idle_timeout_seconds: float = var("AGG_IDLE_TIMEOUT_SECONDS", 30.0, _positive, "must be > 0")
     idle_check_seconds: float = var("AGG_IDLE_CHECK_SECONDS", 1.0, _positive, "must be > 0")
+    batch_max_events: int = var("AGG_BATCH_MAX_EVENTS", 1000, _positive, "must be > 0")
+    batch_max_seconds: float = var("AGG_BATCH_MAX_SECONDS", 0.05, _positive, "must be > 0")
     max_future_seconds: float = var(
         "QUOTE_MAX_FUTURE_SECONDS", 300.0, _non_negative, "must be >= 0"
     )

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import Any
 
 import orjson
+from faust.streams import _current_event
 
 from stockstream.application import (
     aggregated_topic,
@@ -183,7 +185,7 @@ async def handle_quote(event: Any) -> None:
     else:
         _APPLIED.inc()
         EVENT_LAG.observe(max(0.0, now - quote.market_timestamp / 1000))
-        state.save_window(partition, outcome.window)
+        state.mark_dirty(partition, outcome.window)
     _watermark_gauge(partition).set(windows.clock.watermark_ms / 1000)
     await close_windows(partition, windows, windows.closable(), "watermark")
 
@@ -202,37 +204,60 @@ async def handle_tick(event: Any) -> None:
     await close_windows(partition, windows, windows.flush(), "idle")
 
 
+def _enter(event: Any) -> None:
+    """Make `event` the current stream event: Faust tables send a change to the changelog
+    partition of the current event (and RocksDB picks its partition store the same way)."""
+    _current_event.set(weakref.ref(event))
+
+
 @app.agent(aggregation_input, name="aggregate")
 async def aggregate(stream: Any) -> None:
-    async for event in stream.events():
-        try:
-            if event.message.topic == _CLOCK_TOPIC:
-                await handle_tick(event)
-            else:
-                await handle_quote(event)
-        except Exception:
-            # Never let one record stop the worker: this is a bug, so it is logged with the
-            # record's coordinates and dead-lettered for inspection.
-            message = event.message
-            log.exception(
-                "unexpected error handling record",
-                extra={
-                    "topic": message.topic,
-                    "partition": message.partition,
-                    "offset": message.offset,
-                },
+    # Batches: Faust acknowledges a batch's offsets only after this loop body returns, so the
+    # window writes deferred to the end of the batch are in the changelog before any offset
+    # that depends on them can be committed.
+    async for batch in stream.take_events(_agg.batch_max_events, within=_agg.batch_max_seconds):
+        last_of_partition: dict[int, Any] = {}
+        for event in batch:
+            _enter(event)
+            await _handle(event)
+            last_of_partition[event.message.partition] = event
+        for partition in state.dirty_partitions():
+            event = last_of_partition.get(partition)
+            if event is None:  # pragma: no cover - dirty windows come from this batch's events
+                continue
+            _enter(event)
+            state.write_dirty(partition)
+
+
+async def _handle(event: Any) -> None:
+    try:
+        if event.message.topic == _CLOCK_TOPIC:
+            await handle_tick(event)
+        else:
+            await handle_quote(event)
+    except Exception:
+        # Never let one record stop the worker: this is a bug, so it is logged with the
+        # record's coordinates and dead-lettered for inspection.
+        message = event.message
+        log.exception(
+            "unexpected error handling record",
+            extra={
+                "topic": message.topic,
+                "partition": message.partition,
+                "offset": message.offset,
+            },
+        )
+        if message.topic != _CLOCK_TOPIC:
+            await send_dead_letter(
+                dlq_topic,
+                key=message.key,
+                value=message.value,
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+                reason=Reason.INTERNAL_ERROR,
+                error="internal error while processing (see worker log)",
             )
-            if message.topic != _CLOCK_TOPIC:
-                await send_dead_letter(
-                    dlq_topic,
-                    key=message.key,
-                    value=message.value,
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    reason=Reason.INTERNAL_ERROR,
-                    error="internal error while processing (see worker log)",
-                )
 
 
 @app.on_partitions_revoked.connect  # type: ignore[arg-type]

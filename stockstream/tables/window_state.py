@@ -36,6 +36,8 @@ class WindowState:
         self._size_ms = size_ms
         self._grace_ms = grace_ms
         self._partitions: dict[int, PartitionWindows] = {}
+        # Windows changed since they were last written, per partition (write-behind per batch).
+        self._dirty: dict[int, dict[tuple[str, int], WindowAggregate]] = {}
         # Wall-clock time of the last quote (or of loading), for the idle rule.
         self.last_activity: dict[int, float] = {}
 
@@ -76,13 +78,33 @@ class WindowState:
         for partition in partitions:
             self._partitions.pop(partition, None)
             self.last_activity.pop(partition, None)
+            self._dirty.pop(partition, None)
 
-    def save_window(self, partition: int, window: WindowAggregate) -> None:
-        self._table[window_key(partition, window)] = window.to_state()
+    def mark_dirty(self, partition: int, window: WindowAggregate) -> None:
+        self._dirty.setdefault(partition, {})[(window.symbol, window.start_ms)] = window
+
+    def dirty_partitions(self) -> list[int]:
+        return [p for p, windows in self._dirty.items() if windows]
+
+    def write_dirty(self, partition: int) -> None:
+        """Write every changed window of `partition` (the caller provides its stream context).
+
+        One write per window per batch instead of one per quote; a window written later than
+        the quotes it holds is safe because the source offsets are acknowledged only after the
+        batch, i.e. after these writes."""
+        for window in self._dirty.pop(partition, {}).values():
+            self._table[window_key(partition, window)] = window.to_state()
 
     def checkpoint(self, partition: int, closed: list[WindowAggregate]) -> None:
         """Persist a close: remove the windows, then record the clock that covers it."""
         windows = self._partitions[partition]
+        dirty = self._dirty.get(partition, {})
+        for window in closed:
+            # Deleted right away: writing its last state first would only grow the changelog.
+            dirty.pop((window.symbol, window.start_ms), None)
+        # Windows before the clock: a crash leaves a prefix, and the clock must never be
+        # ahead of the windows it describes (tables/windows.py, idempotence).
+        self.write_dirty(partition)
         for window in closed:
             key = window_key(partition, window)
             if key in self._table:
