@@ -10,70 +10,106 @@ import json
 import logging
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from stockstream.contracts import Quote
 from stockstream.logs import setup_logging
 from stockstream.settings import Secret, Settings, SettingsError, load_settings
 
 log = logging.getLogger("stockstream.cli")
 
 
-async def _paced(quotes: Iterator[Quote], stop: asyncio.Event) -> AsyncIterator[Quote]:
-    """Release each quote when the wall clock reaches its event time (a live feed)."""
-    for quote in quotes:
-        if stop.is_set():
-            return
-        delay = quote.market_timestamp / 1000 - time.time()
-        if delay > 0:
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-                return
-            except TimeoutError:
-                pass
-        yield quote
+def _source(settings: Settings, args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """(async iterator of quotes, objects to close) for the chosen source."""
+    from pathlib import Path
+
+    if args.source == "simulate":
+        from stockstream.sources.simulator import Simulator, SimulatorSource
+
+        sim = settings.simulator
+        simulator = Simulator(
+            symbols=args.symbols or sim.symbols,
+            seed=sim.seed if args.seed is None else args.seed,
+            rate=args.rate or sim.rate,
+            start_ms=args.start_ms,
+        )
+        return SimulatorSource(simulator, count=args.count, paced=not args.fast).quotes(), []
+    if args.source == "replay":
+        from stockstream.sources.replay import ReplaySource
+
+        if not args.files:
+            raise SystemExit("stockstream produce --source replay needs --files PATH [PATH ...]")
+        speed = settings.replay.speed if args.speed is None else args.speed
+        replay = ReplaySource(
+            [Path(f) for f in args.files],
+            speed=0.0 if args.fast else speed,
+            symbol_pattern=settings.aggregation.symbol_pattern,
+            max_future_ms=int(settings.aggregation.max_future_seconds * 1000),
+        )
+        return replay.quotes(), []
+    if not settings.finnhub.api_key:
+        raise SystemExit(
+            "configuration error: FINNHUB_API_KEY (or FINNHUB_API_KEY_FILE) is required"
+            f" for --source {args.source}"
+        )
+    if args.source == "finnhub":
+        from stockstream.sources import cache as quote_cache
+        from stockstream.sources.finnhub_rest import FinnhubQuoteSource
+
+        cache = quote_cache.from_settings(settings.cache)
+        rest = FinnhubQuoteSource(settings.finnhub, cache=cache)
+        return rest.quotes(), [rest, *([cache] if cache else [])]
+    from stockstream.sources.finnhub_ws import FinnhubTradeSource
+
+    ws = FinnhubTradeSource(settings.finnhub)
+    return ws.quotes(), [ws]
 
 
 async def _produce(settings: Settings, args: argparse.Namespace) -> int:
     from stockstream.producer import QuoteProducer
-    from stockstream.sources.simulator import Simulator
     from stockstream.topics import ensure_topics
 
-    await ensure_topics(settings)
-    sim = settings.simulator
-    simulator = Simulator(
-        symbols=args.symbols or sim.symbols,
-        seed=sim.seed if args.seed is None else args.seed,
-        rate=args.rate or sim.rate,
-        start_ms=args.start_ms,
-    )
+    try:
+        await ensure_topics(settings)
+    except Exception as exc:
+        # The producer spools while the broker is away; topics are checked again by the worker.
+        log.warning("could not check topics, producing anyway", extra={"error": repr(exc)})
+    quotes, closables = _source(settings, args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    quotes = simulator.quotes(args.count)
     log.info(
-        "producing simulated quotes",
-        extra={
-            "topic": settings.kafka.quotes_topic,
-            "symbols": len(simulator.symbols),
-            "count": args.count,
-            "paced": not args.fast,
-        },
+        "producing quotes",
+        extra={"topic": settings.kafka.quotes_topic, "source": args.source, "count": args.count},
     )
-    async with QuoteProducer(settings) as producer:
-        if args.fast:
-            for quote in quotes:
-                if stop.is_set():
-                    break
-                await producer.send(quote)
-        else:
-            async for quote in _paced(quotes, stop):
-                await producer.send(quote)
-        await producer.flush()
-        log.info("producer done", extra={"sent": producer.sent, "failed": producer.failed})
+
+    async def pump(producer: QuoteProducer) -> None:
+        async for quote in quotes:
+            await producer.send(quote)
+
+    try:
+        async with QuoteProducer(settings) as producer:
+            pumping = asyncio.ensure_future(pump(producer))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({pumping, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (pumping, stopping):
+                task.cancel()
+            await asyncio.gather(pumping, stopping, return_exceptions=True)
+            if pumping.done() and not pumping.cancelled() and pumping.exception():
+                raise pumping.exception()  # type: ignore[misc]
+            await producer.flush()
+            log.info(
+                "producer done",
+                extra={
+                    "sent": producer.sent,
+                    "failed": producer.failed,
+                    "spooled": producer.spooled,
+                    "spool_pending": producer.spool_pending,
+                },
+            )
+    finally:
+        for closable in closables:
+            await closable.close()
     return 0
 
 
@@ -134,14 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stockstream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     produce = sub.add_parser("produce", help="feed stock-quotes from a source")
-    produce.add_argument("--source", choices=["simulate"], default="simulate")
-    produce.add_argument("--count", type=int, default=None, help="stop after N quotes")
+    produce.add_argument(
+        "--source", choices=["simulate", "finnhub", "finnhub-ws", "replay"], default="simulate"
+    )
+    produce.add_argument("--count", type=int, default=None, help="simulate: stop after N quotes")
+    produce.add_argument("--files", nargs="+", help="replay: NDJSON/CSV files or directories")
+    produce.add_argument(
+        "--speed", type=float, default=None, help="replay: 1 = original pace, 10, 0 = no pauses"
+    )
     produce.add_argument("--symbols", type=int, default=None, help="number of symbols")
     produce.add_argument("--rate", type=float, default=None, help="quotes per second")
     produce.add_argument("--seed", type=int, default=None)
     produce.add_argument("--start-ms", type=int, default=None, help="event time of the first quote")
     produce.add_argument(
-        "--fast", action="store_true", help="send as fast as possible instead of in real time"
+        "--fast",
+        action="store_true",
+        help="simulate/replay: send as fast as possible instead of at event-time pace",
     )
     tail = sub.add_parser("tail", help="print records of a topic as they arrive")
     tail.add_argument("which", choices=["quotes", "aggregated", "dlq"])
