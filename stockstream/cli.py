@@ -74,6 +74,12 @@ async def _produce(settings: Settings, args: argparse.Namespace) -> int:
         # The producer spools while the broker is away; topics are checked again by the worker.
         log.warning("could not check topics, producing anyway", extra={"error": repr(exc)})
     quotes, closables = _source(settings, args)
+    if settings.producer.metrics_port:
+        from prometheus_client import start_http_server
+
+        from stockstream.metrics import REGISTRY
+
+        start_http_server(settings.producer.metrics_port, addr="127.0.0.1", registry=REGISTRY)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -142,6 +142,8 @@ class ProducerSettings:
     )
     spool_dir: Path = var("PRODUCER_SPOOL_DIR", Path("data/spool"))
     spool_retry_seconds: float = var("PRODUCER_SPOOL_RETRY_SECONDS", 5.0, _positive, "must be > 0")
+    # Prometheus /metrics of `stockstream produce` on 127.0.0.1:<port>; 0 = not served.
+    metrics_port: int = var("PRODUCER_METRICS_PORT", 0, _non_negative, "must be >= 0")
 
 
 @dataclass(frozen=True)
