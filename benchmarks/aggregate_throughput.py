@@ -186,6 +186,11 @@ class Run:
             "AGG_IDLE_CHECK_SECONDS": "0.5",
             "LOG_LEVEL": "WARNING",
             "LOG_FORMAT": "text",
+            # The aggregation alone; `--env ARCHIVE_ENABLED=true` etc. measures the whole worker.
+            "ARCHIVE_ENABLED": "false",
+            "WAREHOUSE_ENABLED": "false",
+            "ARCHIVE_LOCAL_DIR": str(self.data_dir / "archive"),
+            "DUCKDB_PATH": str(self.data_dir / "warehouse.duckdb"),
             **self.extra_env,
         }
 

@@ -1,5 +1,5 @@
 """`stockstream` command: the project's own operations (the worker itself is `faust -A stockstream
-worker`). Sub-commands: `produce`, `topics`, `tail`, `config`."""
+worker`). Sub-commands: `produce`, `topics`, `tail`, `config`, `dlq replay`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import signal
 import sys
 from typing import Any
 
+from stockstream.contracts import Reason
 from stockstream.logs import setup_logging
 from stockstream.settings import Secret, Settings, SettingsError, load_settings
 
@@ -198,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--from-beginning", action="store_true")
     sub.add_parser("topics", help="create the topics (idempotent) and list them")
     sub.add_parser("config", help="print the effective configuration (secrets masked)")
+    dlq = sub.add_parser("dlq", help="dead-letter queue operations")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    replay = dlq_sub.add_parser(
+        "replay",
+        help="re-drive dead-lettered records once the cause is fixed (default: archive-failed)",
+    )
+    reasons = replay.add_mutually_exclusive_group()
+    reasons.add_argument(
+        "--reason",
+        action="append",
+        choices=[r.value for r in Reason],
+        help="reason to re-drive (repeatable; default archive-failed)",
+    )
+    reasons.add_argument("--any-reason", action="store_true", help="every reason")
     return parser
 
 
@@ -213,6 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         return _config(settings)
     if args.command == "topics":
         return asyncio.run(_topics(settings))
+    if args.command == "dlq":
+        from stockstream.dlq_replay import ReplayError, replay_dead_letters
+
+        chosen = None if args.any_reason else (args.reason or ["archive-failed"])
+        try:
+            count = asyncio.run(replay_dead_letters(settings, chosen))
+        except ReplayError as exc:
+            print(f"dlq replay: {exc}", file=sys.stderr)
+            return 1
+        print(f"re-drove {count} dead-lettered record(s)")
+        return 0
     if args.command == "tail":
         try:
             return asyncio.run(_tail(settings, args.which, args.from_beginning))

@@ -66,6 +66,9 @@ class Stack:
             "STOCKSTREAM_SESSION_TIMEOUT_SECONDS": "8",
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "INFO",
+            # Archive and warehouse are on by default: keep each run's output in its data dir.
+            "ARCHIVE_LOCAL_DIR": str(self.data_dir / "archive"),
+            "DUCKDB_PATH": str(self.data_dir / "warehouse.duckdb"),
             **self.extra_env,
         }
 
