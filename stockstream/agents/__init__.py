@@ -1,6 +1,6 @@
-"""Faust agents. Importing this package registers them on `stockstream.app.app`."""
+"""Faust agents and services. Importing this package registers them on `stockstream.app.app`:
+the aggregation (aggregate, idle ticks) and the raw archive (bronze layer)."""
 
-import stockstream.agents.archive  # the raw archive (bronze layer)
-from stockstream.agents import aggregate, idle
+from stockstream.agents import aggregate, archive, idle
 
-__all__ = ["aggregate", "idle"]
+__all__ = ["aggregate", "archive", "idle"]
