@@ -213,7 +213,10 @@ class WarehouseSettings:
 
     enabled: bool = var("WAREHOUSE_ENABLED", True)
     backend: Literal["duckdb", "bigquery"] = var("WAREHOUSE_BACKEND", "duckdb")
-    duckdb_path: Path = var("DUCKDB_PATH", Path("data/warehouse.duckdb"))
+    # Empty = <STOCKSTREAM_DATA_DIR>/warehouse.duckdb
+    duckdb_path: Path | None = var("DUCKDB_PATH", None)
+    # false: the worker opens the DuckDB file per batch, so other processes can read it between
+    duckdb_hold_connection: bool = var("DUCKDB_HOLD_CONNECTION", True)
     bq_project: str = var("BQ_PROJECT", "")
     bq_dataset: str = var("BQ_DATASET", "stock")
     bq_table: str = var("BQ_TABLE", "aggregates_1m")

@@ -1,6 +1,6 @@
 """Faust agents and services. Importing this package registers them on `stockstream.app.app`:
-the aggregation (aggregate, idle ticks) and the raw archive (bronze layer)."""
+the aggregation (aggregate, idle ticks), the raw archive (bronze layer) and the warehouse loader."""
 
-from stockstream.agents import aggregate, archive, idle
+from stockstream.agents import aggregate, archive, idle, warehouse
 
-__all__ = ["aggregate", "archive", "idle"]
+__all__ = ["aggregate", "archive", "idle", "warehouse"]

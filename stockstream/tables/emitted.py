@@ -44,8 +44,16 @@ async def emitted_since(
                 last = record.offset
                 if record.value is None:
                     continue
-                data = orjson.loads(record.value)
-                symbol, start_ms = data["symbol"], int(data["window_start_ms"])
+                try:
+                    data = orjson.loads(record.value)
+                    symbol, start_ms = str(data["symbol"]), int(data["window_start_ms"])
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                    # Not ours (written by hand?): it cannot be a window we emitted.
+                    log.warning(
+                        "skipping a non-window record in the output topic",
+                        extra={"topic": topic, "partition": partition, "offset": record.offset},
+                    )
+                    continue
                 if start_ms > newest.get(symbol, -1):
                     newest[symbol] = start_ms
             # Transaction markers occupy offsets without yielding records.

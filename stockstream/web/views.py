@@ -13,7 +13,6 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from stockstream.agents.aggregate import state
 from stockstream.application import app, settings
 from stockstream.contracts import iso_utc
 from stockstream.metrics import REGISTRY
@@ -44,6 +43,9 @@ async def metrics(web: Any, request: Any) -> Any:
 
 @app.page("/windows/")
 async def open_windows(web: Any, request: Any) -> Any:
+    # Imported here: the agents import the app, which registers these views while loading.
+    from stockstream.agents.aggregate import state
+
     body = {}
     for partition, windows in sorted(state.loaded().items()):
         clock = windows.clock
