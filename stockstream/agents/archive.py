@@ -93,6 +93,7 @@ from aiokafka.errors import KafkaError
 from mode import Service
 from prometheus_client import Counter, Gauge, Histogram
 
+from stockstream.agents.backoff import sleep_polling_paused
 from stockstream.application import app, dlq_topic, settings
 from stockstream.contracts import QuoteValidator, Reason, dead_letter, iso_utc
 from stockstream.metrics import DEAD_LETTERS, REGISTRY
@@ -697,24 +698,11 @@ class Archiver:
                 ARCHIVE_BLOCKED.set(0)
 
     async def _backoff(self, seconds: float) -> None:
-        """Sleep while keeping the consumer alive: all partitions paused, poll anyway (a
-        consumer that stops polling is evicted from its group after max.poll.interval)."""
-        consumer = self._consumer
-        assigned = set(consumer.assignment())
-        consumer.pause(*assigned)
-        try:
-            deadline = time.monotonic() + seconds
-            while (left := deadline - time.monotonic()) > 0:
-                stray = await consumer.getmany(timeout_ms=max(1, int(left * 1000)))
-                for tp, records in stray.items():  # cannot happen while paused; never drop
-                    if records:
-                        consumer.seek(tp, records[0].offset)
-        finally:
-            ready = [
-                p.tp for p in self._parts.values() if p.ready and p.tp in consumer.assignment()
-            ]
-            if ready:
-                consumer.resume(*ready)
+        await sleep_polling_paused(
+            self._consumer,
+            seconds,
+            lambda: [p.tp for p in self._parts.values() if p.ready],
+        )
 
 
 class ArchiveService(Service):

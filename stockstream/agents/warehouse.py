@@ -59,6 +59,7 @@ from aiokafka.errors import KafkaError
 from mode import Service
 from prometheus_client import Counter, Gauge, Histogram
 
+from stockstream.agents.backoff import sleep_polling_paused
 from stockstream.application import app, dlq_topic, settings
 from stockstream.contracts import Reason
 from stockstream.deadletter import send_dead_letter
@@ -343,22 +344,7 @@ class WarehouseLoader:
             )
 
     async def _backoff(self, seconds: float) -> None:
-        """Sleep while keeping the consumer alive: partitions paused, poll anyway (a consumer
-        that stops polling is evicted from its group after max.poll.interval)."""
-        consumer = self._consumer
-        assigned = set(consumer.assignment())
-        consumer.pause(*assigned)
-        try:
-            deadline = time.monotonic() + seconds
-            while (left := deadline - time.monotonic()) > 0:
-                stray = await consumer.getmany(timeout_ms=max(1, int(left * 1000)))
-                for tp, records in stray.items():  # cannot happen while paused; never drop
-                    if records:
-                        consumer.seek(tp, records[0].offset)
-        finally:
-            owned = [tp for tp in consumer.assignment() if tp in self._owned]
-            if owned:
-                consumer.resume(*owned)
+        await sleep_polling_paused(self._consumer, seconds, lambda: self._owned)
 
 
 class WarehouseService(Service):
