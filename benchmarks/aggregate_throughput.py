@@ -51,9 +51,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from worker_profile import Sample, load_pyinstrument, load_pyspy_raw, print_summary
 
+from stockstream.kafka.topics import ensure_topics
 from stockstream.settings import Settings, load_settings
 from stockstream.sources.simulator import Simulator
-from stockstream.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[1]
 KAFKA_SH = ROOT / "scripts" / "kafka.sh"

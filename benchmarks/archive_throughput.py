@@ -232,9 +232,9 @@ async def preload(bench: Bench, args: argparse.Namespace) -> tuple[int, int]:
     """(records, raw key+value bytes) written to the topic."""
     from aiokafka import AIOKafkaProducer
 
+    from stockstream.kafka.topics import ensure_topics
     from stockstream.settings import load_settings
     from stockstream.sources.simulator import Simulator
-    from stockstream.topics import ensure_topics
 
     settings = load_settings(environ=bench.env("preload", {}, args), dotenv_path=None)
     await ensure_topics(settings)
@@ -379,10 +379,11 @@ async def run_worker(env: dict[str, str], expected: int, log_path: Path, limit_s
 
 
 async def run_standalone(env: dict[str, str], expected: int, limit_s: float, name: str) -> float:
-    from stockstream.agents.archive import Archiver
+    from stockstream.archive.archiver import Archiver
+    from stockstream.archive.object_store import from_settings
+    from stockstream.deadletter import DeadLetters
     from stockstream.metrics import REGISTRY
     from stockstream.settings import load_settings
-    from stockstream.sinks.object_store import from_settings
 
     settings = load_settings(environ=env, dotenv_path=None)
 
@@ -393,7 +394,9 @@ async def run_standalone(env: dict[str, str], expected: int, limit_s: float, nam
         return REGISTRY.get_sample_value("stockstream_archive_records_total") or 0.0
 
     before = archived()
-    archiver = Archiver(settings, from_settings(settings.archive), no_dead_letters, group_id=name)
+    archiver = Archiver(
+        settings, from_settings(settings.archive), DeadLetters(no_dead_letters), group_id=name
+    )
     started = time.perf_counter()
     task = asyncio.create_task(archiver.run())
     try:
@@ -416,8 +419,6 @@ async def run_standalone(env: dict[str, str], expected: int, limit_s: float, nam
 
 async def main(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="archive-bench-"))
-    # Standalone mode imports the Faust app module: keep its data dir out of the repository.
-    os.environ.setdefault("STOCKSTREAM_DATA_DIR", str(tmp / "import-data"))
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     broker = Broker(args.bootstrap, args.kafka_port)
     s3: Seaweed | None = None

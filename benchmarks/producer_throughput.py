@@ -37,8 +37,8 @@ import aiokafka
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from stockstream.contracts import Quote
-from stockstream.producer import QuoteProducer
+from stockstream.contracts.quotes import Quote
+from stockstream.producer.quote_producer import QuoteProducer
 from stockstream.settings import ProducerSettings, load_settings
 from stockstream.sources.simulator import Simulator
 

@@ -3,11 +3,11 @@
     python benchmarks/warehouse_throughput.py [--rows 200000] [--bq-rows 20000]
         [--batch 500] [--skip-bigquery] [--keep]
 
-- DuckDB (sinks/duckdb_warehouse.py), a fresh file: `--rows` new windows in batches of
+- DuckDB (warehouse/duckdb_backend.py), a fresh file: `--rows` new windows in batches of
   `--batch` (the loader's WAREHOUSE_BATCH_ROWS), then the same windows again (every row an
   upsert of an existing key), then the new-rows run with the file released after each batch
   (`hold_connection=False`). The table's row count is checked after each run.
-- BigQuery (sinks/bigquery_warehouse.py) against `bqemulator` started on loopback as in the
+- BigQuery (warehouse/bigquery_backend.py) against `bqemulator` started on loopback as in the
   tests (tests/integration/conftest.py): `--bq-rows` windows in batches of `--batch` (one
   insertAll request of at most 500 rows each). The emulator runs DuckDB behind a REST API on
   this machine: the figure is the client + emulator cost, not BigQuery's (whose streaming
@@ -34,9 +34,9 @@ import duckdb
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.integration.conftest: the emulator launcher
 
-from stockstream.contracts import iso_utc  # noqa: E402
-from stockstream.sinks.bigquery_warehouse import BigQueryWarehouse  # noqa: E402
-from stockstream.sinks.duckdb_warehouse import DuckDBWarehouse  # noqa: E402
+from stockstream.contracts.quotes import iso_utc  # noqa: E402
+from stockstream.warehouse.bigquery_backend import BigQueryWarehouse  # noqa: E402
+from stockstream.warehouse.duckdb_backend import DuckDBWarehouse  # noqa: E402
 
 T0 = 1_767_623_400_000  # 2026-01-05T14:30:00Z
 

@@ -122,14 +122,17 @@ STAGES: list[tuple[str, Match]] = [
         _fn("/faust/tables/", "send_changelog"),
     ),
     (
-        "table: rest of Table set/del (WindowState.save_window, checkpoint)",
-        _fn("/stockstream/tables/window_state.py", "save_window", "checkpoint"),
+        "table: rest of Table set/del (WindowState.write_dirty, checkpoint)",
+        _fn("/stockstream/tables/window_state.py", "write_dirty", "checkpoint"),
     ),
     (
         "agent: close_windows (emit aggregates, wait for acks)",
-        _fn("/stockstream/agents/aggregate.py", "close_windows", "_send_with_retry"),
+        _fn("/stockstream/agents/aggregate.py", "close_windows", "_emit"),
     ),
-    ("agent: QuoteValidator.parse (orjson.loads + validation)", _in("/stockstream/contracts.py")),
+    (
+        "agent: QuoteValidator.parse (orjson.loads + validation)",
+        _in("/stockstream/contracts/quotes.py"),
+    ),
     ("agent: window fold + closable() (tables/windows.py)", _in("/stockstream/tables/windows.py")),
     ("agent: rest of handle_quote / handle_tick", _in("/stockstream/")),
     ("logging", _in("/logging/")),

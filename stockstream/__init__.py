@@ -1,8 +1,8 @@
 """stockstream: real-time stock analytics on Kafka and Faust.
 
-`faust -A stockstream worker` finds the Faust app as `stockstream.app` (built in
-application.py). It is imported lazily so
-that the producer, the CLI and unit tests can use the package without building a Faust app.
+`faust -A stockstream worker` finds the Faust app as `stockstream.app`. It is built on first
+access (application.py `worker_app`), not at import: the producer, the CLI and the tests import
+the package without loading settings or building a Faust app.
 """
 
 from typing import Any
@@ -10,7 +10,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from stockstream.application import app
+        from stockstream.application import worker_app
 
-        return app
+        return worker_app()
     raise AttributeError(f"module 'stockstream' has no attribute {name!r}")

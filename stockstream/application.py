@@ -1,22 +1,37 @@
-"""The Faust application: settings, channels and tables in one place, then the agents.
+"""The Faust application, assembled from the stages (the one place that knows all of them).
 
-Where a quote goes: `stock-quotes` -> agents/aggregate.py (validate, fold into the window table
-of tables/window_state.py, close by tables/windows.py rules) -> `stock-quotes-aggregated`;
-bad records -> `stock-quotes-dlq`.
+`faust -A stockstream worker` resolves `stockstream.app`, which calls `worker_app()`: settings
+are loaded and the app is built then, not when a module is imported. What the worker runs:
+
+    stock-quotes ─┬─> agents/aggregate.py (windows in tables/) ──> stock-quotes-aggregated ─┐
+                  │     bad and late records ──> stock-quotes-dlq (deadletter.py)           │
+                  └─> archive/ (own consumer group) ──> object storage                      │
+    stock-quotes-aggregated ──> warehouse/ (own consumer group) ──> DuckDB | BigQuery <────┘
+    web/views.py: /health/ /ready/ /metrics/ /windows/ beside Faust's /table/ views
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import faust
 
+from stockstream.agents.aggregate import Aggregation
+from stockstream.archive.archiver import Archiver
+from stockstream.archive.object_store import from_settings as object_store
+from stockstream.deadletter import DeadLetters
+from stockstream.kafka import clients
+from stockstream.kafka.consumer_service import ConsumerServiceRunner
+from stockstream.kafka.topics import clock_topic_name, ensure_topics
 from stockstream.logs import logging_config
 from stockstream.settings import Settings, SettingsError, load_settings
-from stockstream.topics import bootstrap_list, clock_topic_name, ensure_topics
+from stockstream.tables.window_state import define_table
+from stockstream.warehouse.backends import from_settings as warehouse_backend
+from stockstream.warehouse.loader import WarehouseLoader
+from stockstream.web import views
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +65,8 @@ class StockstreamApp(faust.App):
             shutil.rmtree(tables)
 
     async def on_first_start(self) -> None:
+        # Faust creates only the last path component of its datadir.
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
         self._discard_local_state_after_crash()
         await ensure_topics(self.settings)
@@ -61,10 +78,12 @@ class StockstreamApp(faust.App):
 
 
 def create_app(settings: Settings) -> StockstreamApp:
-    worker = settings.worker
+    """The worker's app with every stage registered. Raises `SettingsError` for a setting
+    that cannot work (checked here, before anything connects)."""
+    worker, kafka = settings.worker, settings.kafka
     app = StockstreamApp(
         worker.app_id,
-        broker=[f"kafka://{server}" for server in bootstrap_list(settings)],
+        broker=clients.faust_brokers(kafka),
         store=worker.store,
         datadir=str(settings.data_dir / "faust"),
         processing_guarantee=worker.processing_guarantee,
@@ -77,8 +96,8 @@ def create_app(settings: Settings) -> StockstreamApp:
         broker_session_timeout=worker.session_timeout_seconds,
         broker_heartbeat_interval=min(3.0, worker.session_timeout_seconds / 3),
         consumer_auto_offset_reset=worker.consumer_auto_offset_reset,
-        topic_partitions=settings.kafka.partitions,
-        topic_replication_factor=settings.kafka.replication_factor,
+        topic_partitions=kafka.partitions,
+        topic_replication_factor=kafka.replication_factor,
         # Ours are plain JSON bytes: no Faust metadata ever reaches a topic.
         key_serializer="raw",
         value_serializer="raw",
@@ -90,40 +109,40 @@ def create_app(settings: Settings) -> StockstreamApp:
         stream_wait_empty=True,
     )
     app.settings = settings
-    # Faust creates only the last path component of its datadir.
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def topic(*names: str) -> faust.TopicT:
+        return app.topic(*names, partitions=kafka.partitions)
+
+    dlq = topic(kafka.dlq_topic)
+    dead_letters = DeadLetters(lambda key, value: dlq.send(key=key, value=value))
+    aggregation = Aggregation(
+        app,
+        settings,
+        define_table(app, kafka.partitions),
+        output=topic(kafka.aggregated_topic),
+        clock=topic(clock_topic_name(settings)),
+        dead_letters=dead_letters,
+    )
+    # One agent reads quotes and idle ticks, so ticks run in the same partition context (and
+    # the same changelog partition) as the quotes whose windows they close.
+    aggregation.register(topic(kafka.quotes_topic, clock_topic_name(settings)))
+    # Faust's `app.service` is typed for classes but takes instances too (they are started
+    # after table recovery and stopped with the worker).
+    if settings.archive.enabled:
+        archiver = Archiver(settings, object_store(settings.archive), dead_letters)
+        app.service(ConsumerServiceRunner(archiver))  # type: ignore[arg-type]
+    if settings.warehouse.enabled:
+        loader = WarehouseLoader(settings, warehouse_backend(settings), dead_letters)
+        app.service(ConsumerServiceRunner(loader))  # type: ignore[arg-type]
+    views.register(app, settings, aggregation.state)
     return app
 
 
-try:
-    settings = load_settings()
-except SettingsError as exc:
-    # Name the variable and stop; no traceback, and never a secret's value.
-    raise SystemExit(f"configuration error: {exc}") from None
-app = create_app(settings)
-
-quotes_topic = app.topic(settings.kafka.quotes_topic, partitions=settings.kafka.partitions)
-aggregated_topic = app.topic(settings.kafka.aggregated_topic, partitions=settings.kafka.partitions)
-dlq_topic = app.topic(settings.kafka.dlq_topic, partitions=settings.kafka.partitions)
-clock_topic = app.topic(clock_topic_name(settings), partitions=settings.kafka.partitions)
-# One agent reads quotes and idle ticks, so ticks run in the same partition context (and the
-# same changelog partition) as the quotes whose windows they close.
-aggregation_input = app.topic(
-    settings.kafka.quotes_topic,
-    clock_topic_name(settings),
-    partitions=settings.kafka.partitions,
-)
-
-window_table: Any = app.Table(
-    "window-state",
-    default=None,
-    partitions=settings.kafka.partitions,
-    schema=faust.Schema(key_serializer="json", value_serializer="json"),
-    # Every quote rewrites its window: let compaction keep the changelog (and so recovery)
-    # small instead of waiting for 1 GiB segments.
-    extra_topic_configs={"segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1"},
-    help="Open one-minute windows (w|partition|symbol|start) and partition clocks (c|partition)",
-)
-
-# Registration side effects: agents, timers and web views attach themselves to `app`.
-from stockstream import agents, web  # noqa: E402, F401
+@functools.cache
+def worker_app() -> StockstreamApp:
+    """The app of this process, built on first use from the environment; a configuration
+    error stops the process with a message naming the variable (never a secret's value)."""
+    try:
+        return create_app(load_settings())
+    except SettingsError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None

@@ -1,5 +1,5 @@
 """`stockstream` command: the project's own operations (the worker itself is `faust -A stockstream
-worker`). Sub-commands: `produce`, `topics`, `tail`, `config`, `dlq replay`."""
+worker`). Sub-commands: `produce`, `topics`, `tail`, `config`, `dlq redrive`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Any
 
-from stockstream.contracts import Reason
+from stockstream.contracts.dead_letters import Reason
 from stockstream.logs import setup_logging
 from stockstream.settings import Secret, Settings, SettingsError, load_settings
 
@@ -35,6 +35,7 @@ def _source(settings: Settings, args: argparse.Namespace) -> tuple[Any, list[Any
         )
         return SimulatorSource(simulator, count=args.count, paced=not args.fast).quotes(), []
     if args.source == "replay":
+        from stockstream.contracts.quotes import QuoteValidator
         from stockstream.sources.replay import ReplaySource
 
         if not args.files:
@@ -43,8 +44,7 @@ def _source(settings: Settings, args: argparse.Namespace) -> tuple[Any, list[Any
         replay = ReplaySource(
             [Path(f) for f in args.files],
             speed=0.0 if args.fast else speed,
-            symbol_pattern=settings.aggregation.symbol_pattern,
-            max_future_ms=int(settings.aggregation.max_future_seconds * 1000),
+            validator=QuoteValidator.from_settings(settings.quotes),
         )
         return replay.quotes(), []
     if not settings.finnhub.api_key:
@@ -53,21 +53,21 @@ def _source(settings: Settings, args: argparse.Namespace) -> tuple[Any, list[Any
             f" for --source {args.source}"
         )
     if args.source == "finnhub":
-        from stockstream.sources import cache as quote_cache
-        from stockstream.sources.finnhub_rest import FinnhubQuoteSource
+        from stockstream.sources.finnhub import cache as quote_cache
+        from stockstream.sources.finnhub.rest import FinnhubQuoteSource
 
         cache = quote_cache.from_settings(settings.cache)
         rest = FinnhubQuoteSource(settings.finnhub, cache=cache)
         return rest.quotes(), [rest, *([cache] if cache else [])]
-    from stockstream.sources.finnhub_ws import FinnhubTradeSource
+    from stockstream.sources.finnhub.websocket import FinnhubTradeSource
 
     ws = FinnhubTradeSource(settings.finnhub)
     return ws.quotes(), [ws]
 
 
 async def _produce(settings: Settings, args: argparse.Namespace) -> int:
-    from stockstream.producer import QuoteProducer
-    from stockstream.topics import ensure_topics
+    from stockstream.kafka.topics import ensure_topics
+    from stockstream.producer.quote_producer import QuoteProducer
 
     try:
         await ensure_topics(settings)
@@ -135,7 +135,7 @@ def _config(settings: Settings) -> int:
 
 
 async def _topics(settings: Settings) -> int:
-    from stockstream.topics import ensure_topics, topic_specs
+    from stockstream.kafka.topics import ensure_topics, topic_specs
 
     await ensure_topics(settings)
     for spec in topic_specs(settings):
@@ -145,18 +145,16 @@ async def _topics(settings: Settings) -> int:
 
 async def _tail(settings: Settings, which: str, from_beginning: bool) -> int:
     """Print a topic's records as JSON lines until interrupted (a debugging aid)."""
-    from aiokafka import AIOKafkaConsumer
-
-    from stockstream.topics import bootstrap_list
+    from stockstream.kafka import clients
 
     topic = {
         "quotes": settings.kafka.quotes_topic,
         "aggregated": settings.kafka.aggregated_topic,
         "dlq": settings.kafka.dlq_topic,
     }[which]
-    consumer = AIOKafkaConsumer(
+    consumer = clients.consumer(
+        settings.kafka,
         topic,
-        bootstrap_servers=bootstrap_list(settings),
         group_id=None,
         auto_offset_reset="earliest" if from_beginning else "latest",
         isolation_level="read_committed",
@@ -201,11 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config", help="print the effective configuration (secrets masked)")
     dlq = sub.add_parser("dlq", help="dead-letter queue operations")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
-    replay = dlq_sub.add_parser(
-        "replay",
+    redrive = dlq_sub.add_parser(
+        "redrive",
+        # `replay` was its first name; kept so existing scripts and runbooks keep working.
+        aliases=["replay"],
         help="re-drive dead-lettered records once the cause is fixed (default: archive-failed)",
     )
-    reasons = replay.add_mutually_exclusive_group()
+    reasons = redrive.add_mutually_exclusive_group()
     reasons.add_argument(
         "--reason",
         action="append",
@@ -229,13 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "topics":
         return asyncio.run(_topics(settings))
     if args.command == "dlq":
-        from stockstream.dlq_replay import ReplayError, replay_dead_letters
+        from stockstream.redrive import RedriveError, redrive_dead_letters
 
         chosen = None if args.any_reason else (args.reason or ["archive-failed"])
         try:
-            count = asyncio.run(replay_dead_letters(settings, chosen))
-        except ReplayError as exc:
-            print(f"dlq replay: {exc}", file=sys.stderr)
+            count = asyncio.run(redrive_dead_letters(settings, chosen))
+        except RedriveError as exc:
+            print(f"dlq redrive: {exc}", file=sys.stderr)
             return 1
         print(f"re-drove {count} dead-lettered record(s)")
         return 0

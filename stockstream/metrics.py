@@ -1,4 +1,11 @@
-"""Prometheus metrics, one registry per process, served at `/metrics` by the Faust web server."""
+"""Every Prometheus metric of stockstream, declared once, on one registry per process.
+
+The worker serves it at `/metrics/` (web/views.py); `stockstream produce` serves it on
+PRODUCER_METRICS_PORT. One file on purpose: it is the list an operator, a dashboard or an alert
+rule reads. Label values are fixed vocabularies (outcomes, reasons, partitions, the `Source`
+values): never a URL, an error text or a key. Code on a hot path resolves its labelled children
+once (`.labels()` per record shows up in profiles).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +13,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
+# -- aggregation (agents/aggregate.py) ---------------------------------------------------------
 QUOTES = Counter(
     "stockstream_quotes_total",
-    "Records read from stock-quotes, by outcome "
-    "(applied, replayed = already in restored state, late, invalid, malformed)",
+    "Records read from stock-quotes, by outcome (applied, redelivered = re-read after a restart"
+    " and already in the restored state, late, invalid, malformed)",
     ["outcome"],
-    registry=REGISTRY,
-)
-DEAD_LETTERS = Counter(
-    "stockstream_dead_letters_total",
-    "Records sent to the dead-letter topic, by reason",
-    ["reason"],
     registry=REGISTRY,
 )
 WINDOWS_EMITTED = Counter(
@@ -51,5 +53,216 @@ EVENT_LAG = Histogram(
 EMIT_LATENCY = Histogram(
     "stockstream_window_emit_seconds",
     "Time to write a batch of closed windows and have the broker acknowledge it",
+    registry=REGISTRY,
+)
+
+
+# -- dead letters (deadletter.py), from every stage -------------------------------------------
+DEAD_LETTERS = Counter(
+    "stockstream_dead_letters_total",
+    "Records sent to the dead-letter topic, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+# -- raw archive (archive/) --------------------------------------------------------------------
+ARCHIVE_OBJECTS = Counter(
+    "stockstream_archive_objects_total", "Parquet objects written to the archive", registry=REGISTRY
+)
+ARCHIVE_RECORDS = Counter(
+    "stockstream_archive_records_total", "Quotes written to the archive", registry=REGISTRY
+)
+ARCHIVE_BYTES = Counter(
+    "stockstream_archive_bytes_total", "Parquet bytes written to the archive", registry=REGISTRY
+)
+ARCHIVE_SKIPPED = Counter(
+    "stockstream_archive_skipped_total",
+    "Records of stock-quotes not archived, by reason (malformed, invalid: dead-lettered by the"
+    " aggregation; archived: re-read at or below the partition's manifest)",
+    ["reason"],
+    registry=REGISTRY,
+)
+ARCHIVE_FAILURES = Counter(
+    "stockstream_archive_failures_total",
+    "Failed attempts, by operation (put-object, put-manifest, get-manifest, dead-letter, ...)",
+    ["operation"],
+    registry=REGISTRY,
+)
+ARCHIVE_RETRIES = Counter(
+    "stockstream_archive_retries_total", "Retries after a failed attempt", registry=REGISTRY
+)
+ARCHIVE_LAST_SUCCESS = Gauge(
+    "stockstream_archive_last_success_timestamp_seconds",
+    "Unix time of the last batch stored",
+    registry=REGISTRY,
+)
+ARCHIVE_BLOCKED = Gauge(
+    "stockstream_archive_blocked",
+    "1 while storage keeps failing beyond ARCHIVE_MAX_RETRIES under the block policy",
+    registry=REGISTRY,
+)
+ARCHIVE_FLUSH = Histogram(
+    "stockstream_archive_flush_seconds",
+    "Time to encode and store one batch (retries included)",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+
+# -- warehouse loader (warehouse/) -------------------------------------------------------------
+WAREHOUSE_ROWS = Counter(
+    "stockstream_warehouse_rows_total",
+    "Aggregated windows handled by the warehouse loader, by outcome"
+    " (written = acknowledged by the warehouse, rejected = dead-lettered)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+WAREHOUSE_FAILURES = Counter(
+    "stockstream_warehouse_failures_total",
+    "Failed warehouse write attempts; the batch is retried after a backoff",
+    registry=REGISTRY,
+)
+WAREHOUSE_UP = Gauge(
+    "stockstream_warehouse_up",
+    "1 while warehouse writes succeed, 0 while they fail (batch waiting for a retry)",
+    registry=REGISTRY,
+)
+WAREHOUSE_PENDING = Gauge(
+    "stockstream_warehouse_pending_rows",
+    "Records of the batch currently waiting for the warehouse",
+    registry=REGISTRY,
+)
+WAREHOUSE_BATCH_SECONDS = Histogram(
+    "stockstream_warehouse_batch_seconds",
+    "Time from a batch's first write attempt to the warehouse's acknowledgement",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+WAREHOUSE_LAST_SUCCESS = Gauge(
+    "stockstream_warehouse_last_success_timestamp_seconds",
+    "Unix time of the last batch acknowledged by the warehouse",
+    registry=REGISTRY,
+)
+
+# -- quote producer (producer/); every one has a `topic` label --------------------------------
+PRODUCER_SENT = Counter(
+    "stockstream_producer_sent_total",
+    "Records acknowledged by the broker (acks=all): sent directly, re-sent from the spool, or"
+    " found already in the topic when reconciling an unacknowledged send",
+    ["topic"],
+    registry=REGISTRY,
+)
+PRODUCER_FAILED = Counter(
+    "stockstream_producer_failed_total",
+    "Delivery attempts that failed, by reason: timeout (not acknowledged within"
+    " PRODUCER_DELIVERY_TIMEOUT_SECONDS), error (send error), shutdown (still unacknowledged"
+    " at close) -- these records go to the spool and are re-sent; rejected (refused by Kafka,"
+    " e.g. too large) and spool_error (could not be spooled) -- these are lost",
+    ["topic", "reason"],
+    registry=REGISTRY,
+)
+PRODUCER_SPOOLED = Counter(
+    "stockstream_producer_spooled_total",
+    "Records written to the local spool, by reason: failed (delivery failed), queued (the"
+    " broker is unavailable or the spool is not drained yet, so it waits behind it)",
+    ["topic", "reason"],
+    registry=REGISTRY,
+)
+PRODUCER_SPOOL_PENDING = Gauge(
+    "stockstream_producer_spool_pending",
+    "Records in the local spool not yet acknowledged by the broker",
+    ["topic"],
+    registry=REGISTRY,
+)
+PRODUCER_SPOOLING = Gauge(
+    "stockstream_producer_spooling",
+    "1 while new records go to the spool (broker unavailable or spool draining), 0 while they"
+    " are sent directly",
+    ["topic"],
+    registry=REGISTRY,
+)
+PRODUCER_RECONCILED = Counter(
+    "stockstream_producer_reconciled_total",
+    "Spooled records whose earlier, unacknowledged send turned out to have reached the topic;"
+    " they were not sent again (each one a duplicate avoided)",
+    ["topic"],
+    registry=REGISTRY,
+)
+PRODUCER_SPOOL_DAMAGED = Counter(
+    "stockstream_producer_spool_damaged_lines_total",
+    "Spool lines that could not be read and were skipped (a partial last line after a crash)",
+    ["topic"],
+    registry=REGISTRY,
+)
+PRODUCER_DELIVERY_SECONDS = Histogram(
+    "stockstream_producer_delivery_seconds",
+    "Time from handing a record to the Kafka client to its acknowledgement by the broker",
+    ["topic"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+
+# -- quote sources (sources/) ------------------------------------------------------------------
+SOURCE_REQUESTS = Counter(
+    "stockstream_source_requests_total",
+    "HTTP calls of the sources to their API, by outcome (ok, unknown_symbol, malformed,"
+    " rate_limited, server_error, timeout, connection_error, client_error, auth_error)",
+    ["source", "outcome"],
+    registry=REGISTRY,
+)
+SOURCE_QUOTES = Counter(
+    "stockstream_source_quotes_total",
+    "Quotes handed to the producer by the sources",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_SKIPPED = Counter(
+    "stockstream_source_skipped_total",
+    "Polls or trades that produced no quote, by reason (unchanged, unknown_symbol, malformed,"
+    " failed = retries exhausted; see stockstream_source_cache_total for wait_timeout)",
+    ["source", "reason"],
+    registry=REGISTRY,
+)
+SOURCE_UNKNOWN_SYMBOLS = Counter(
+    "stockstream_source_unknown_symbols_total",
+    "Configured symbols the API does not know (counted once per symbol)",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_RATE_LIMITED = Counter(
+    "stockstream_source_rate_limited_total",
+    "HTTP 429 answers; each one pauses the shared rate limiter",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_RETRIES = Counter(
+    "stockstream_source_retries_total",
+    "Retried calls, by reason (timeout, server_error, rate_limited, connection_error)",
+    ["source", "reason"],
+    registry=REGISTRY,
+)
+SOURCE_RATE_LIMIT_WAIT = Counter(
+    "stockstream_source_rate_limit_wait_seconds_total",
+    "Seconds spent waiting for the client-side rate limiter",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_RECONNECTS = Counter(
+    "stockstream_source_reconnects_total",
+    "Websocket reconnections after a dropped or failed connection",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_MESSAGES = Counter(
+    "stockstream_source_messages_total",
+    "Websocket messages received, by type (trade, ping, error, malformed, other)",
+    ["source", "type"],
+    registry=REGISTRY,
+)
+SOURCE_CACHE = Counter(
+    "stockstream_source_cache_total",
+    "Shared quote cache lookups, by outcome (hit, miss = this replica called the API,"
+    " waited = read the answer another replica fetched, wait_timeout, error = Redis"
+    " unavailable, called the API directly)",
+    ["outcome"],
     registry=REGISTRY,
 )

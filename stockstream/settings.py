@@ -1,65 +1,29 @@
-"""The one typed place for configuration.
+"""The one typed place for configuration: every setting of stockstream, with its variable.
 
 Values come from, highest precedence first: the process environment, a `.env` file, the profile
 `config/<STOCKSTREAM_ENV>.yml` (a flat mapping of the same variable names), then the defaults
 below. Any variable may instead be given as `<NAME>_FILE` pointing at a file that holds the value
 (docker secrets). Every field names its variable, so an invalid value is reported by that name,
-and secrets are wrapped in `Secret` so they never reach a log line or an error message.
+and secrets are wrapped in `Secret` so they never reach a log line or an error message (the
+mechanism is in envconfig.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
-import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
-import yaml
-from dotenv import dotenv_values
+from stockstream import envconfig
+
+# Secret and SettingsError belong to every user of the settings: re-exported here.
+from stockstream.envconfig import Secret as Secret
+from stockstream.envconfig import SettingsError as SettingsError
+from stockstream.envconfig import var
 
 ENVIRONMENTS = ("dev", "staging", "prod")
-
-
-class SettingsError(ValueError):
-    """A configuration value is missing or invalid; the message names the variable."""
-
-
-class Secret:
-    """A string that does not print itself."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __repr__(self) -> str:
-        return "Secret('***')" if self._value else "Secret('')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-Check = Callable[[Any], bool]
-
-
-def var(env: str, default: Any, check: Check | None = None, why: str = "") -> Any:
-    """Declare a dataclass field read from environment variable `env`."""
-    return field(default=default, metadata={"env": env, "check": check, "why": why})
 
 
 def _positive(value: Any) -> bool:
@@ -92,10 +56,16 @@ class AggregationSettings:
     idle_check_seconds: float = var("AGG_IDLE_CHECK_SECONDS", 1.0, _positive, "must be > 0")
     batch_max_events: int = var("AGG_BATCH_MAX_EVENTS", 1000, _positive, "must be > 0")
     batch_max_seconds: float = var("AGG_BATCH_MAX_SECONDS", 0.05, _positive, "must be > 0")
+
+
+@dataclass(frozen=True)
+class QuoteSettings:
+    """The `stock-quotes` contract's tunable bounds (contracts/quotes.py)."""
+
+    symbol_pattern: str = var("QUOTE_SYMBOL_PATTERN", r"^[A-Z][A-Z0-9.\-:]{0,19}$")
     max_future_seconds: float = var(
         "QUOTE_MAX_FUTURE_SECONDS", 300.0, _non_negative, "must be >= 0"
     )
-    symbol_pattern: str = var("QUOTE_SYMBOL_PATTERN", r"^[A-Z][A-Z0-9.\-:]{0,19}$")
 
 
 @dataclass(frozen=True)
@@ -237,6 +207,7 @@ class Settings:
     env: Literal["dev", "staging", "prod"] = var("STOCKSTREAM_ENV", "dev")
     data_dir: Path = var("STOCKSTREAM_DATA_DIR", Path("data"))
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    quotes: QuoteSettings = field(default_factory=QuoteSettings)
     aggregation: AggregationSettings = field(default_factory=AggregationSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -249,122 +220,34 @@ class Settings:
     warehouse: WarehouseSettings = field(default_factory=WarehouseSettings)
 
 
-def _convert(name: str, raw: str, kind: Any, secret: bool) -> Any:
-    shown = "<secret>" if secret else repr(raw)
-    if isinstance(kind, types.UnionType):  # `X | None`: an empty value already means None
-        kind = next(arg for arg in get_args(kind) if arg is not type(None))
-    origin = get_origin(kind)
-    if origin is Literal:
-        choices = get_args(kind)
-        value = raw.strip()
-        # Levels are conventionally upper case, formats and guarantees lower case.
-        for choice in choices:
-            if value.lower() == str(choice).lower():
-                return choice
-        raise SettingsError(f"{name}: must be one of {', '.join(choices)}, got {shown}")
-    if kind is Secret:
-        return Secret(raw.strip())
-    if kind is bool:
-        lowered = raw.strip().lower()
-        if lowered in {"1", "true", "yes", "on"}:
-            return True
-        if lowered in {"0", "false", "no", "off"}:
-            return False
-        raise SettingsError(f"{name}: expected a boolean (true/false), got {shown}")
-    if kind is int:
-        try:
-            return int(raw.strip())
-        except ValueError:
-            raise SettingsError(f"{name}: expected an integer, got {shown}") from None
-    if kind is float:
-        try:
-            value_f = float(raw.strip())
-        except ValueError:
-            raise SettingsError(f"{name}: expected a number, got {shown}") from None
-        if value_f != value_f or value_f in (float("inf"), float("-inf")):
-            raise SettingsError(f"{name}: expected a finite number, got {shown}")
-        return value_f
-    if kind is Path:
-        return Path(raw.strip())
-    if origin is tuple:
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
-    return raw.strip()
-
-
-def _read_file_value(name: str, path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        # The path is not secret, the content is: name the path, never the content.
-        raise SettingsError(f"{name}_FILE: cannot read {path!r}: {exc.strerror}") from None
-
-
-def _build(cls: type[Any], values: Mapping[str, str]) -> Any:
-    hints = get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
-            kwargs[f.name] = _build(kind, values)  # type: ignore[arg-type]
-            continue
-        name = f.metadata["env"]
-        secret = kind is Secret
-        raw: str | None
-        if values.get(f"{name}_FILE"):
-            raw = _read_file_value(name, values[f"{name}_FILE"])
-        else:
-            raw = values.get(name)
-        if raw is None or (raw == "" and not secret):
-            continue
-        value = _convert(name, raw, kind, secret)
-        check: Check | None = f.metadata["check"]
-        if check is not None and not check(value):
-            shown = "<secret>" if secret else repr(raw)
-            raise SettingsError(f"{name}: {f.metadata['why']}, got {shown}")
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-def _profile_values(config_dir: Path, env: str, explicit: bool) -> dict[str, str]:
-    path = config_dir / f"{env}.yml"
-    if not path.exists():
-        if explicit and env != "dev":
-            raise SettingsError(f"STOCKSTREAM_ENV: profile {path} not found")
-        return {}
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"STOCKSTREAM_ENV: profile {path} is not valid YAML: {exc}") from None
-    if not isinstance(loaded, dict):
-        raise SettingsError(f"STOCKSTREAM_ENV: profile {path} must be a mapping of VARIABLE: value")
-    return {str(k): "" if v is None else str(v) for k, v in loaded.items()}
-
-
 def load_settings(
     environ: Mapping[str, str] | None = None,
     dotenv_path: str | Path | None = ".env",
     config_dir: str | Path | None = None,
 ) -> Settings:
     """Build the settings; raises SettingsError naming the offending variable."""
-    process_env = dict(os.environ if environ is None else environ)
-    dotenv: dict[str, str] = {}
-    if dotenv_path is not None and Path(dotenv_path).exists():
-        dotenv = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
-    layered = {**dotenv, **process_env}
+    layered = envconfig.environment(environ, dotenv_path)
     env_raw = layered.get("STOCKSTREAM_ENV", "dev").strip().lower() or "dev"
     if env_raw not in ENVIRONMENTS:
         raise SettingsError(
             f"STOCKSTREAM_ENV: must be one of {', '.join(ENVIRONMENTS)}, got {env_raw!r}"
         )
     directory = Path(config_dir or layered.get("STOCKSTREAM_CONFIG_DIR", "config"))
-    profile = _profile_values(directory, env_raw, "STOCKSTREAM_ENV" in layered)
-    settings: Settings = _build(Settings, {**profile, **layered})
+    profile = envconfig.profile_values(directory, env_raw, "STOCKSTREAM_ENV" in layered)
+    settings: Settings = envconfig.build(Settings, {**profile, **layered})
     try:
-        re.compile(settings.aggregation.symbol_pattern)
+        re.compile(settings.quotes.symbol_pattern)
     except re.error as exc:
         raise SettingsError(
             f"QUOTE_SYMBOL_PATTERN: not a valid regular expression: {exc}"
         ) from None
+    for group, prefix in ((settings.finnhub, "FINNHUB"), (settings.archive, "ARCHIVE")):
+        initial, maximum = group.backoff_initial_seconds, group.backoff_max_seconds
+        if initial > maximum:
+            raise SettingsError(
+                f"{prefix}_BACKOFF_INITIAL_SECONDS: must not exceed"
+                f" {prefix}_BACKOFF_MAX_SECONDS ({maximum:g}), got {initial:g}"
+            )
     worker = settings.worker
     if worker.processing_guarantee == "exactly_once" and not worker.unsafe_faust_exactly_once:
         raise SettingsError(
@@ -377,22 +260,4 @@ def load_settings(
 
 def documented_variables() -> list[tuple[str, str]]:
     """(variable, default) for every setting, for `.env.example` and its test."""
-    rows: list[tuple[str, str]] = []
-
-    def walk(cls: type[Any]) -> None:
-        hints = get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name])  # type: ignore[arg-type]
-                continue
-            default = f.default
-            if isinstance(default, Secret) or default is None:
-                shown = ""
-            elif isinstance(default, tuple):
-                shown = ",".join(default)
-            else:
-                shown = str(default)
-            rows.append((f.metadata["env"], shown))
-
-    walk(Settings)
-    return rows
+    return envconfig.documented_variables(Settings)

@@ -1,6 +1,2 @@
-"""Faust agents and services. Importing this package registers them on `stockstream.app.app`:
-the aggregation (aggregate, idle ticks), the raw archive (bronze layer) and the warehouse loader."""
-
-from stockstream.agents import aggregate, archive, idle, warehouse
-
-__all__ = ["aggregate", "archive", "idle", "warehouse"]
+"""Faust agents: `aggregate.py`, the aggregation of `stock-quotes` into one-minute windows
+(with its idle clock). They are registered on the app by application.py."""

@@ -1,4 +1,4 @@
-"""Client-side rate limiting and retry backoff for the HTTP/websocket sources.
+"""Client-side rate limiting for the HTTP sources (the retry backoff is `stockstream.retry`).
 
 `RateLimiter` enforces two sliding-window budgets at once, e.g. Finnhub's free plan: at most
 `per_minute` calls in *any* 60-second window and at most `per_second` calls in any 1-second
@@ -15,7 +15,6 @@ The clock and the sleep function are injectable so the tests run on virtual time
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -90,17 +89,3 @@ class RateLimiter:
     def paused_for(self) -> float:
         """Seconds left of the current penalty (0 when none)."""
         return max(0.0, self._blocked_until - self._clock())
-
-
-def backoff_delay(
-    attempt: int, initial: float, maximum: float, rng: random.Random | None = None
-) -> float:
-    """Exponential backoff with "equal jitter" for retry number `attempt` (0-based).
-
-    The ceiling doubles per attempt up to `maximum`; the delay is drawn from
-    [ceiling/2, ceiling], so it always grows with the attempt (unlike full jitter, which may
-    pick ~0) while clients that failed together still spread out.
-    """
-    ceiling = min(maximum, initial * (2.0 ** min(attempt, 62)))
-    draw = (rng or random).random()
-    return ceiling / 2 + draw * ceiling / 2

@@ -39,7 +39,8 @@ from typing import Any
 
 import orjson
 
-from stockstream.contracts import ContractError, Quote, QuoteValidator, Reason, Source
+from stockstream.contracts.dead_letters import Reason
+from stockstream.contracts.quotes import ContractError, Quote, QuoteValidator, Source
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +263,7 @@ class ReplaySource:
         paths: Sequence[Path],
         *,
         speed: float,
-        symbol_pattern: str,
-        max_future_ms: int,
+        validator: QuoteValidator,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         strict: bool = False,
@@ -276,7 +276,7 @@ class ReplaySource:
         self.strict = strict
         self._readers: dict[str, RecordReader] = dict(READERS if readers is None else readers)
         self.files = replay_files(paths, self._readers)
-        self._validator = QuoteValidator(symbol_pattern, max_future_ms)
+        self._validator = validator
         self._clock = clock
         self._sleep = sleep
         self._wall_clock = wall_clock

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
-from stockstream.contracts import Quote, Source
+from stockstream.contracts.quotes import Quote, Source
 
 _WELL_KNOWN = (
     "AAPL", "MSFT", "NVDA", "AMZN", "GOOGL", "META", "TSLA", "AVGO", "JPM", "V",

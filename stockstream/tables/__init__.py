@@ -1,2 +1,3 @@
-"""Window state: the pure close rules (windows.py), their changelog-backed table mirror
-(window_state.py) and recovery of what was already emitted (emitted.py)."""
+"""The aggregation's state: the pure window and close rules (windows.py), the changelog-backed
+table and its in-memory mirror (window_state.py) with its versioned record format
+(state_codec.py), and what each partition has already emitted (emitted.py)."""

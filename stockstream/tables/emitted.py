@@ -1,68 +1,59 @@
-"""What a source partition already emitted, read back from its output partition.
+"""What each source partition has already emitted, so a restarted worker emits nothing twice.
 
 Emitting a window and recording the close in the changelog cannot be one atomic step without
 Kafka transactions, so after a crash a window may be closed again. Output partition p only
 receives windows of source partition p, oldest first per symbol, so the newest window start
-per symbol found after the last checkpointed output offset tells exactly which re-closed
-windows are already out there.
+per symbol found in the output partition after the last checkpointed output offset tells
+exactly which re-closed windows are already out there. The agent reads that part of the output
+partition back (kafka/readback.py) and hands the records to `EmittedIndex.recover`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from stockstream.contracts.windows import WindowRecordError, window_identity
+from stockstream.tables.windows import WindowAggregate
 
 log = logging.getLogger(__name__)
 
 
-async def emitted_since(
-    bootstrap_servers: list[str], topic: str, partition: int, after_offset: int
-) -> tuple[dict[str, int], int]:
-    """Newest window start per symbol in `topic`/`partition` after `after_offset`, and the
-    highest offset read (or `after_offset` if there was nothing)."""
-    tp = TopicPartition(topic, partition)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-    )
-    await consumer.start()
-    newest: dict[str, int] = {}
-    last = after_offset
-    try:
-        consumer.assign([tp])
-        begin = (await consumer.beginning_offsets([tp]))[tp]
-        end = (await consumer.end_offsets([tp]))[tp]
-        start = max(after_offset + 1, begin)
-        consumer.seek(tp, start)
-        while start < end and last < end - 1:
-            batches = await consumer.getmany(tp, timeout_ms=1000)
-            for record in batches.get(tp, []):
-                last = record.offset
-                if record.value is None:
-                    continue
-                try:
-                    data = orjson.loads(record.value)
-                    symbol, start_ms = str(data["symbol"]), int(data["window_start_ms"])
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                    # Not ours (written by hand?): it cannot be a window we emitted.
-                    log.warning(
-                        "skipping a non-window record in the output topic",
-                        extra={"topic": topic, "partition": partition, "offset": record.offset},
-                    )
-                    continue
-                if start_ms > newest.get(symbol, -1):
-                    newest[symbol] = start_ms
-            # Transaction markers occupy offsets without yielding records.
-            if await consumer.position(tp) >= end:
-                break
-    finally:
-        await consumer.stop()
-    log.info(
-        "recovered emitted windows",
-        extra={"topic": topic, "partition": partition, "offset": last, "symbols": len(newest)},
-    )
-    return newest, last
+class EmittedIndex:
+    """Per source partition: the newest window start per symbol already in the output topic."""
+
+    def __init__(self) -> None:
+        self._newest: dict[int, dict[str, int]] = {}
+
+    def recover(
+        self, topic: str, partition: int, records: Iterable[tuple[int, bytes | None]]
+    ) -> None:
+        """Index the (offset, value) records read back from output `partition`."""
+        newest: dict[str, int] = {}
+        for offset, value in records:
+            if value is None:
+                continue
+            try:
+                symbol, start_ms = window_identity(orjson.loads(value))
+            except (orjson.JSONDecodeError, WindowRecordError):
+                # Not ours (written by hand?): it cannot be a window we emitted.
+                log.warning(
+                    "skipping a non-window record in the output topic",
+                    extra={"topic": topic, "partition": partition, "offset": offset},
+                )
+                continue
+            if start_ms > newest.get(symbol, -1):
+                newest[symbol] = start_ms
+        self._newest[partition] = newest
+
+    def emitted(self, partition: int, window: WindowAggregate) -> bool:
+        return window.start_ms <= self._newest.get(partition, {}).get(window.symbol, -1)
+
+    def mark(self, partition: int, window: WindowAggregate) -> None:
+        self._newest.setdefault(partition, {})[window.symbol] = window.start_ms
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        for partition in partitions:
+            self._newest.pop(partition, None)

@@ -1,12 +1,13 @@
-"""Write-through mirror of the changelog-backed window table, per source partition.
+"""The changelog-backed window table (`define_table`) and its write-through mirror
+(`WindowState`), per source partition.
 
 The Faust table is the durable state (its changelog restores a restarted or rebalanced
 worker). Reads go to the in-memory `PartitionWindows` so the hot path never deserialises.
 Key layout, all in the changelog partition of the source partition they belong to:
-    w|<partition>|<symbol>|<window start ms>  -> WindowAggregate.to_state()
-    c|<partition>                             -> PartitionClock.to_state()
+    w|<partition>|<symbol>|<window start ms>  -> a WindowAggregate (state_codec.py)
+    c|<partition>                             -> a PartitionClock (state_codec.py)
 Writes are ordered within a changelog partition, so a crash leaves a prefix of them: window
-writes come before the clock checkpoint that follows a close, which is what makes replays
+writes come before the clock checkpoint that follows a close, which is what makes redeliveries
 idempotent (see tables/windows.py).
 """
 
@@ -17,9 +18,34 @@ import time
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
-from stockstream.tables.windows import PartitionClock, PartitionWindows, WindowAggregate
+import faust
+
+from stockstream.tables.state_codec import (
+    decode_clock,
+    decode_window,
+    encode_clock,
+    encode_window,
+)
+from stockstream.tables.windows import PartitionWindows, WindowAggregate
 
 log = logging.getLogger(__name__)
+
+
+TABLE_NAME = "window-state"
+
+
+def define_table(app: faust.App, partitions: int) -> Any:
+    """The window table on `app` (its changelog topic is `<app id>-window-state-changelog`)."""
+    return app.Table(
+        TABLE_NAME,
+        default=None,
+        partitions=partitions,
+        schema=faust.Schema(key_serializer="json", value_serializer="json"),
+        # Every quote rewrites its window: let compaction keep the changelog (and so recovery)
+        # small instead of waiting for 1 GiB segments.
+        extra_topic_configs={"segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1"},
+        help="Open one-minute windows (w|partition|symbol|start), partition clocks (c|partition)",
+    )
 
 
 def window_key(partition: int, window: WindowAggregate) -> str:
@@ -52,12 +78,12 @@ class WindowState:
         windows = PartitionWindows(self._size_ms, self._grace_ms)
         clock = self._table.get(clock_key(partition))
         if clock is not None:
-            windows.clock = PartitionClock.from_state(clock)
+            windows.clock = decode_clock(clock)
         prefix = f"w|{partition}|"
         stale = 0
         for key, value in self._table.items():
             if value is not None and key.startswith(prefix):
-                window = WindowAggregate.from_state(value)
+                window = decode_window(value)
                 # Every checkpoint closes all windows its watermark has passed, so a restored
                 # window the restored clock already covers was closed before: never re-emit it.
                 if windows.covers(window):
@@ -93,7 +119,7 @@ class WindowState:
         the quotes it holds is safe because the source offsets are acknowledged only after the
         batch, i.e. after these writes."""
         for window in self._dirty.pop(partition, {}).values():
-            self._table[window_key(partition, window)] = window.to_state()
+            self._table[window_key(partition, window)] = encode_window(window)
 
     def checkpoint(self, partition: int, closed: list[WindowAggregate]) -> None:
         """Persist a close: remove the windows, then record the clock that covers it."""
@@ -110,4 +136,4 @@ class WindowState:
             if key in self._table:
                 del self._table[key]
         windows.remove(closed)
-        self._table[clock_key(partition)] = windows.clock.to_state()
+        self._table[clock_key(partition)] = encode_clock(windows.clock)

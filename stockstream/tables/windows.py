@@ -10,7 +10,7 @@ Close rule (per partition, because a partition is the unit of ordering and of ow
 - an event whose window is already closed is *late*: the caller dead-letters it.
 
 Idempotence: each window remembers the highest source offset folded into it and the partition
-clock remembers the last offset whose effects were checkpointed, so replaying records after a
+clock remembers the last offset whose effects were checkpointed, so re-reading records after a
 crash (at-least-once delivery) never counts a quote twice.
 """
 
@@ -20,7 +20,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from stockstream.contracts import Quote, iso_utc
+from stockstream.contracts.quotes import Quote
+from stockstream.contracts.timestamps import iso_utc
+from stockstream.contracts.windows import window_record
 
 
 @dataclass(slots=True)
@@ -87,51 +89,23 @@ class WindowAggregate:
         self.last_event_ms = max(self.last_event_ms, ts)
         self.last_offset = offset
 
-    def to_state(self) -> list[Any]:
-        """Compact form for the changelog-backed table (a list avoids repeating key names)."""
-        return [
-            self.symbol,
-            self.start_ms,
-            self.size_ms,
-            self.count,
-            self.sum,
-            self.min,
-            self.max,
-            self.open,
-            self.open_ts,
-            self.close,
-            self.close_ts,
-            self.volume,
-            self.price_volume,
-            self.first_event_ms,
-            self.last_event_ms,
-            self.last_offset,
-        ]
-
-    @classmethod
-    def from_state(cls, state: list[Any]) -> WindowAggregate:
-        return cls(*state)
-
     def to_record(self) -> dict[str, Any]:
-        """The `stock-quotes-aggregated` contract."""
-        vwap = self.price_volume / self.volume if self.volume else None
-        return {
-            "symbol": self.symbol,
-            "window_start": iso_utc(self.start_ms),
-            "window_end": iso_utc(self.end_ms),
-            "window_start_ms": self.start_ms,
-            "count": self.count,
-            "sum": self.sum,
-            "min": self.min,
-            "max": self.max,
-            "avg": self.sum / self.count,
-            "open": self.open,
-            "close": self.close,
-            "volume": self.volume,
-            "vwap": vwap,
-            "first_event_ms": self.first_event_ms,
-            "last_event_ms": self.last_event_ms,
-        }
+        """The `stock-quotes-aggregated` record of this window."""
+        return window_record(
+            symbol=self.symbol,
+            start_ms=self.start_ms,
+            end_ms=self.end_ms,
+            count=self.count,
+            total=self.sum,
+            low=self.min,
+            high=self.max,
+            open_price=self.open,
+            close_price=self.close,
+            volume=self.volume,
+            price_volume=self.price_volume,
+            first_event_ms=self.first_event_ms,
+            last_event_ms=self.last_event_ms,
+        )
 
 
 @dataclass(slots=True)
@@ -142,13 +116,6 @@ class PartitionClock:
     closed_until_ms: int = -1
     last_offset: int = -1
     emitted_offset: int = -1
-
-    def to_state(self) -> list[int]:
-        return [self.watermark_ms, self.closed_until_ms, self.last_offset, self.emitted_offset]
-
-    @classmethod
-    def from_state(cls, state: list[int]) -> PartitionClock:
-        return cls(*state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +131,7 @@ class Late:
 
 @dataclass(frozen=True, slots=True)
 class AlreadyApplied:
-    """A replayed record whose effect the restored state already holds."""
+    """A redelivered record (re-read after a crash) whose effect the restored state holds."""
 
 
 Outcome = Applied | Late | AlreadyApplied
@@ -193,7 +160,8 @@ class PartitionWindows:
     def window_start(self, ts: int) -> int:
         return ts - ts % self.size_ms
 
-    def is_replay(self, offset: int) -> bool:
+    def is_redelivery(self, offset: int) -> bool:
+        """True for a record the restored state has already taken into account."""
         return offset <= self.clock.last_offset
 
     def apply(self, quote: Quote, offset: int) -> Outcome:

@@ -1,5 +1,2 @@
-"""HTTP endpoints on the Faust web server (besides Faust's own /table/ and /stats/ views)."""
-
-from stockstream.web import views
-
-__all__ = ["views"]
+"""HTTP endpoints on the Faust web server (besides Faust's own /table/ and /stats/ views):
+health, readiness, Prometheus metrics and the open windows (views.py)."""

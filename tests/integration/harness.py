@@ -17,8 +17,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from stockstream.kafka.topics import ensure_topics
 from stockstream.settings import load_settings
-from stockstream.topics import ensure_topics
 from tests.conftest import ROOT, free_port
 from tests.reference import Record
 

@@ -7,7 +7,7 @@ DuckDB reading the result back with Hive partitioning.
 - Local directory (the default back-end): a batch left half-written by a "crash" (intent in the
   manifest, one of its objects written) and a SIGKILL mid-run; still exactly once.
 - Dead-letter policy: records of failed batches go to the DLQ with reason archive-failed, and
-  `replay_dead_letters` writes them into the archive once the server is back (idempotently);
+  `redrive_dead_letters` writes them into the archive once the server is back (idempotently);
   other reasons are re-produced to the original topic.
 """
 
@@ -33,13 +33,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from minio import Minio
 
-from stockstream.agents.archive import Manifest, manifest_key
-from stockstream.contracts import QuoteValidator
-from stockstream.dlq_replay import replay_dead_letters
+from stockstream.archive import parquet
+from stockstream.archive.manifest import Manifest, manifest_key
+from stockstream.archive.object_store import LocalDirectoryStore
+from stockstream.archive.parquet import RawRecord
+from stockstream.contracts.quotes import QuoteValidator
+from stockstream.redrive import redrive_dead_letters
 from stockstream.settings import load_settings
-from stockstream.sinks import parquet
-from stockstream.sinks.object_store import LocalDirectoryStore
-from stockstream.sinks.parquet import RawRecord
 from tests.conftest import free_port
 from tests.integration.harness import (
     T0,
@@ -391,8 +391,7 @@ async def test_local_directory_interrupted_batch_and_sigkill_still_exactly_once(
     store = LocalDirectoryStore(archive)
     records = await _partition_records(kafka_bootstrap, stack.quotes, 0)
     settings = load_settings(environ=stack.env(free_port()), dotenv_path=None)
-    agg = settings.aggregation
-    validator = QuoteValidator(agg.symbol_pattern, int(agg.max_future_seconds * 1000))
+    validator = QuoteValidator.from_settings(settings.quotes)
     raw = [RawRecord(r.partition, r.offset, r.timestamp, r.key, r.value) for r in records]
     rows, _ = parquet.parse_records(raw, validator)
     fifteen = T0 + 30 * 60_000
@@ -458,7 +457,7 @@ async def _dlq_reasons(bootstrap: str, topic: str) -> Counter[str]:
     return Counter(value["reason"] for _, _, _, value, _ in rows)
 
 
-async def test_dead_letter_policy_and_replay_once_storage_is_back(
+async def test_dead_letter_policy_and_redrive_once_storage_is_back(
     kafka_bootstrap: str, tmp_path: Path, s3: SeaweedS3
 ) -> None:
     stack = Stack(
@@ -508,9 +507,9 @@ async def test_dead_letter_policy_and_replay_once_storage_is_back(
         worker.stop()
     s3.start()
     settings = load_settings(environ=stack.env(free_port()), dotenv_path=None)
-    replayed = await replay_dead_letters(settings)
-    assert replayed == len(second.records)
-    assert await replay_dead_letters(settings) == 0, "a second run re-drives nothing"
+    redriven = await redrive_dead_letters(settings)
+    assert redriven == len(second.records)
+    assert await redrive_dead_letters(settings) == 0, "a second run re-drives nothing"
     mirror = tmp_path / "mirror"
     s3.mirror(f"{stack.quotes}/", mirror)
     assert_exactly_once(read_archive(mirror, stack.quotes), produced.records)
@@ -526,9 +525,9 @@ async def test_dead_letter_policy_and_replay_once_storage_is_back(
     seen = {(p, o) for p, o, *_ in before}
     bad = set(produced.invalid)
     originals = sorted((k, v) for p, o, k, v, _ in before if (p, o) in bad)
-    count = await replay_dead_letters(settings, ["malformed", "invalid"])
+    count = await redrive_dead_letters(settings, ["malformed", "invalid"])
     assert count == len(produced.invalid)
-    assert await replay_dead_letters(settings, ["malformed", "invalid"]) == 0
+    assert await redrive_dead_letters(settings, ["malformed", "invalid"]) == 0
     after = await read_all_raw(kafka_bootstrap, stack.quotes)
     assert sorted((k, v) for p, o, k, v, _ in after if (p, o) not in seen) == originals
 

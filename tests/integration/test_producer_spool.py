@@ -26,12 +26,12 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from stockstream.contracts import Quote
+from stockstream.contracts.quotes import Quote
+from stockstream.kafka.topics import ensure_topics
 from stockstream.metrics import REGISTRY
-from stockstream.producer import QuoteProducer
+from stockstream.producer.quote_producer import QuoteProducer
+from stockstream.producer.spool import Spool
 from stockstream.settings import Settings, load_settings
-from stockstream.spool import Spool
-from stockstream.topics import ensure_topics
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from stockstream.contracts import Quote
+from stockstream.contracts.quotes import Quote
 from stockstream.logs import JsonFormatter
 from stockstream.metrics import REGISTRY
 from stockstream.settings import CacheSettings, Secret
-from stockstream.sources.cache import QuoteCache, from_settings
-from stockstream.sources.finnhub_rest import FinnhubQuoteSource
+from stockstream.sources.finnhub.cache import QuoteCache, from_settings
+from stockstream.sources.finnhub.rest import FinnhubQuoteSource
 from tests.conftest import free_port
 from tests.fakes import FakeFinnhub, Fault
 

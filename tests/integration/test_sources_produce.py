@@ -14,13 +14,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from stockstream.cli import main
-from stockstream.contracts import Quote, QuoteValidator
-from stockstream.producer import QuoteProducer
-from stockstream.settings import AggregationSettings, Settings, load_settings
-from stockstream.sources.finnhub_rest import FinnhubQuoteSource
-from stockstream.sources.finnhub_ws import FinnhubTradeSource
+from stockstream.contracts.quotes import Quote, QuoteValidator
+from stockstream.kafka.topics import ensure_topics
+from stockstream.producer.quote_producer import QuoteProducer
+from stockstream.settings import QuoteSettings, Settings, load_settings
+from stockstream.sources.finnhub.rest import FinnhubQuoteSource
+from stockstream.sources.finnhub.websocket import FinnhubTradeSource
 from stockstream.sources.simulator import Simulator
-from stockstream.topics import ensure_topics
 from tests.fakes.finnhub import FakeFinnhub
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def per_symbol(rows: list[tuple[bytes, dict[str, Any]]]) -> dict[str, list[dict[
 
 
 def assert_valid(rows: list[tuple[bytes, dict[str, Any]]]) -> None:
-    validator = QuoteValidator(AggregationSettings().symbol_pattern, 300_000)
+    validator = QuoteValidator(QuoteSettings().symbol_pattern, 300_000)
     for key, value in rows:
         validator.validate(key, value, now_ms=value["market_timestamp"])
 

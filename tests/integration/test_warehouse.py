@@ -24,9 +24,9 @@ from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
-from stockstream.sinks import bigquery_warehouse as bqw
-from stockstream.sinks.bigquery_warehouse import BigQueryWarehouse, chunks
-from stockstream.sinks.warehouse import WarehouseUnavailable
+from stockstream.warehouse import bigquery_backend as bqw
+from stockstream.warehouse.base import WarehouseUnavailable
+from stockstream.warehouse.bigquery_backend import BigQueryWarehouse, chunks
 from tests.integration.conftest import BigQueryEmulator
 from tests.integration.harness import (
     Produced,
@@ -427,9 +427,9 @@ async def test_bigquery_outage_back_pressures_and_recovers_with_nothing_lost(
 async def test_outage_with_a_backlog_holds_up_neither_aggregation_nor_shutdown(
     kafka_bootstrap: str, own_bq_emulator: BigQueryEmulator, tmp_path: Path
 ) -> None:
-    """The case that stalls a loader written as a Faust agent (agents/warehouse.py): BigQuery
-    down and a backlog in the aggregated topic. The aggregation must go on, SIGTERM must stop
-    the worker, and a worker started after the outage must load everything."""
+    """The case that stalls a loader written as a Faust agent (warehouse/loader.py explains):
+    BigQuery down and a backlog in the aggregated topic. The aggregation must go on, SIGTERM
+    must stop the worker, and a worker started after the outage must load everything."""
     emulator = own_bq_emulator
     emulator.stop()  # down from the start
     stack = bq_stack(kafka_bootstrap, tmp_path, emulator, WAREHOUSE_RETRY_DEADLINE_SECONDS="2")

@@ -7,18 +7,12 @@ import math
 import orjson
 import pytest
 
-from stockstream.contracts import (
-    ContractError,
-    Quote,
-    QuoteValidator,
-    Reason,
-    dead_letter,
-    original_bytes,
-)
-from stockstream.settings import AggregationSettings
+from stockstream.contracts.dead_letters import Reason, dead_letter, original_bytes
+from stockstream.contracts.quotes import ContractError, Quote, QuoteValidator
+from stockstream.settings import QuoteSettings
 
 NOW = 1_764_000_000_000
-V = QuoteValidator(AggregationSettings().symbol_pattern, max_future_ms=300_000)
+V = QuoteValidator(QuoteSettings().symbol_pattern, max_future_ms=300_000)
 
 
 def good(**overrides: object) -> dict[str, object]:

@@ -14,16 +14,11 @@ from typing import Any
 import duckdb
 import pytest
 
-from stockstream.contracts import iso_utc
+from stockstream.contracts.timestamps import iso_utc
 from stockstream.settings import load_settings
-from stockstream.sinks.duckdb_warehouse import DuckDBWarehouse
-from stockstream.sinks.warehouse import (
-    Rejected,
-    WarehouseUnavailable,
-    duckdb_path,
-    from_settings,
-    insert_id,
-)
+from stockstream.warehouse.backends import duckdb_path, from_settings
+from stockstream.warehouse.base import Rejected, WarehouseUnavailable, insert_id
+from stockstream.warehouse.duckdb_backend import DuckDBWarehouse
 
 T0 = 1_767_623_400_000  # 2026-01-05T14:30:00Z
 

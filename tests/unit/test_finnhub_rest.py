@@ -19,19 +19,19 @@ import aiohttp
 import pytest
 from prometheus_client import generate_latest
 
-from stockstream.contracts import Quote
+from stockstream.contracts.quotes import Quote
 from stockstream.logs import JsonFormatter, TextFormatter
 from stockstream.metrics import REGISTRY
 from stockstream.settings import Secret
-from stockstream.sources.finnhub_rest import (
+from stockstream.sources.finnhub.api import (
     MAX_RETRY_AFTER_SECONDS,
     FinnhubAuthError,
-    FinnhubQuoteSource,
     MalformedAnswer,
     parse_retry_after,
     redact,
     validate_answer,
 )
+from stockstream.sources.finnhub.rest import FinnhubQuoteSource
 from tests.conftest import free_port
 from tests.fakes import TOKEN, FakeFinnhub, Fault
 

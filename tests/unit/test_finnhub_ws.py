@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from stockstream.contracts import Quote
+from stockstream.contracts.quotes import Quote
 from stockstream.logs import JsonFormatter, TextFormatter
 from stockstream.metrics import REGISTRY
 from stockstream.settings import Secret
-from stockstream.sources.finnhub_rest import FinnhubAuthError
-from stockstream.sources.finnhub_ws import FinnhubTradeSource
+from stockstream.sources.finnhub.api import FinnhubAuthError
+from stockstream.sources.finnhub.websocket import FinnhubTradeSource
 from tests.fakes import TOKEN, FakeFinnhub, trade
 
 T0 = 1_767_623_400_000  # epoch ms, as the trades websocket sends them

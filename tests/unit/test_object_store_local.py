@@ -8,16 +8,16 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from stockstream.settings import ArchiveSettings, Secret, load_settings
-from stockstream.sinks import parquet
-from stockstream.sinks.object_store import (
+from stockstream.archive import parquet
+from stockstream.archive.object_store import (
     LocalDirectoryStore,
     S3Store,
     check_key,
     from_settings,
     split_endpoint,
 )
-from stockstream.sinks.parquet import ArchiveRow
+from stockstream.archive.parquet import ArchiveRow
+from stockstream.settings import ArchiveSettings, Secret, load_settings
 from tests.unit.test_parquet import T0, quote
 
 

@@ -1,4 +1,4 @@
-"""The archive's Parquet encoding and object layout (stockstream/sinks/parquet.py)."""
+"""The archive's Parquet encoding and object layout (stockstream/archive/parquet.py)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stockstream.contracts import Quote, QuoteValidator
-from stockstream.settings import AggregationSettings
-from stockstream.sinks import parquet
-from stockstream.sinks.parquet import ArchiveRow, RawRecord
+from stockstream.archive import parquet
+from stockstream.archive.parquet import ArchiveRow, RawRecord
+from stockstream.contracts.quotes import Quote, QuoteValidator
+from stockstream.settings import QuoteSettings
 
 T0 = 1_767_623_400_000  # 2026-01-05T14:30:00Z
 HOUR_MS = 3_600_000
 
 
 def validator() -> QuoteValidator:
-    agg = AggregationSettings()
-    return QuoteValidator(agg.symbol_pattern, int(agg.max_future_seconds * 1000))
+    return QuoteValidator.from_settings(QuoteSettings())
 
 
 def quote(symbol: str = "AAPL", ts: int = T0, price: float = 187.5, **extra: object) -> Quote:

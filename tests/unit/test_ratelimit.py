@@ -1,15 +1,14 @@
 """RateLimiter on virtual time (exact budgets, real 60-second windows, instantly) and on the real
-clock (penalties reach callers that are already waiting); backoff_delay's growth and jitter."""
+clock (penalties reach callers that are already waiting). The backoff is tested in test_retry."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 
 import pytest
 
-from stockstream.sources.ratelimit import RateLimiter, backoff_delay
+from stockstream.sources.ratelimit import RateLimiter
 from tests.fakes import max_in_window
 
 
@@ -118,13 +117,3 @@ def test_rejects_empty_budgets() -> None:
         RateLimiter(0, 1)
     with pytest.raises(ValueError):
         RateLimiter(1, 0)
-
-
-def test_backoff_grows_exponentially_with_jitter_and_is_capped() -> None:
-    rng = random.Random(7)
-    for attempt in range(10):
-        ceiling = min(8.0, 0.5 * 2**attempt)
-        draws = [backoff_delay(attempt, 0.5, 8.0, rng) for _ in range(200)]
-        assert all(ceiling / 2 <= d <= ceiling for d in draws)
-        assert len({round(d, 6) for d in draws}) > 100  # jittered, not a constant
-    assert backoff_delay(500, 0.5, 8.0, rng) <= 8.0  # no overflow for huge attempts

@@ -14,8 +14,8 @@ from typing import Any, cast
 import orjson
 import pytest
 
-from stockstream.contracts import Quote
-from stockstream.settings import AggregationSettings
+from stockstream.contracts.quotes import Quote, QuoteValidator
+from stockstream.settings import QuoteSettings
 from stockstream.sources.replay import (
     READERS,
     UNREADABLE,
@@ -27,7 +27,7 @@ from stockstream.sources.replay import (
 
 NOW = 1_764_000_000_000  # the wall clock of every test, epoch ms
 T0 = NOW - 3_600_000  # recorded an hour ago
-PATTERN = AggregationSettings().symbol_pattern
+VALIDATOR = QuoteValidator(QuoteSettings().symbol_pattern, max_future_ms=300_000)
 LOGGER = "stockstream.sources.replay"
 
 
@@ -78,8 +78,7 @@ def source(*paths: Path, speed: float = 0, fake: FakeTime | None = None, **kw: A
     return ReplaySource(
         list(paths),
         speed=speed,
-        symbol_pattern=PATTERN,
-        max_future_ms=300_000,
+        validator=VALIDATOR,
         clock=fake.clock,
         sleep=fake.sleep,
         wall_clock=lambda: NOW / 1000,

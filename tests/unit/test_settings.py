@@ -59,6 +59,14 @@ def test_precedence_env_over_dotenv_over_profile(tmp_path: Path) -> None:
             {"STOCKSTREAM_PROCESSING_GUARANTEE": "exactly_once"},
             "STOCKSTREAM_PROCESSING_GUARANTEE: exactly_once is not supported",
         ),
+        (
+            {"ARCHIVE_BACKOFF_INITIAL_SECONDS": "60", "ARCHIVE_BACKOFF_MAX_SECONDS": "30"},
+            "ARCHIVE_BACKOFF_INITIAL_SECONDS: must not exceed ARCHIVE_BACKOFF_MAX_SECONDS",
+        ),
+        (
+            {"FINNHUB_BACKOFF_INITIAL_SECONDS": "31"},
+            "FINNHUB_BACKOFF_INITIAL_SECONDS: must not exceed FINNHUB_BACKOFF_MAX_SECONDS",
+        ),
     ],
 )
 def test_invalid_values_name_the_variable(

@@ -1,4 +1,5 @@
-"""The local spool (stockstream/spool.py): order, acknowledgement, truncation, crash safety."""
+"""The local spool (stockstream/producer/spool.py and its line format, spool_format.py):
+order, acknowledgement, truncation, crash safety."""
 
 from __future__ import annotations
 
@@ -8,15 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from stockstream.spool import (
-    SEGMENT_PREFIX,
-    STATE_FILE,
-    Spool,
-    SpoolLockedError,
-    SpoolRecord,
-    decode_line,
-    encode_line,
-)
+from stockstream.producer.spool import SEGMENT_PREFIX, STATE_FILE, Spool, SpoolLockedError
+from stockstream.producer.spool_format import SpoolRecord, decode_line, encode_line
 
 
 def segments(directory: Path) -> list[Path]:

@@ -1,0 +1,107 @@
+"""The `stock-quotes-dlq` contract: a record some stage could not process, with the reason.
+
+A dead letter carries the original key and value (as text, or base64 when they are not UTF-8)
+and where the original is (`topic`, `partition`, `offset`, which identify it), so it can be
+inspected and re-driven (`stockstream dlq redrive`) once its cause is fixed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from stockstream.contracts.timestamps import iso_utc
+from stockstream.errors import StockstreamError
+
+
+class Reason(StrEnum):
+    """Machine-readable dead-letter reasons."""
+
+    MALFORMED = "malformed"  # not a UTF-8 JSON object
+    INVALID = "invalid"  # JSON, but breaks the contract
+    LATE = "late"  # its window was already emitted
+    ARCHIVE_FAILED = "archive-failed"  # the raw archive could not store it
+    WAREHOUSE_REJECTED = "warehouse-rejected"  # the warehouse refused the row for good
+    INTERNAL_ERROR = "internal-error"  # a bug of ours; the worker log has the traceback
+
+
+#: The fields a re-drive needs; a record without them is not a dead letter.
+REQUIRED_FIELDS = frozenset(
+    ("key", "key_base64", "value", "value_base64", "topic", "partition", "offset", "reason")
+)
+
+
+class NotADeadLetter(StockstreamError, ValueError):
+    """A record of the dead-letter topic that does not follow this contract."""
+
+
+def _text_or_base64(raw: bytes | None) -> tuple[str | None, bool]:
+    if raw is None:
+        return None, False
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return base64.b64encode(raw).decode("ascii"), True
+
+
+def dead_letter(
+    *,
+    key: bytes | None,
+    value: bytes | None,
+    topic: str,
+    partition: int,
+    offset: int,
+    reason: Reason,
+    error: str,
+    failed_at_ms: int,
+) -> dict[str, Any]:
+    """A `stock-quotes-dlq` record: everything needed to inspect or re-drive the original."""
+    key_text, key_b64 = _text_or_base64(key)
+    value_text, value_b64 = _text_or_base64(value)
+    return {
+        "key": key_text,
+        "key_base64": key_b64,
+        "value": value_text,
+        "value_base64": value_b64,
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "reason": reason.value,
+        "error": error,
+        "failed_at": iso_utc(failed_at_ms),
+    }
+
+
+def parse_dead_letter(value: bytes | None) -> dict[str, Any]:
+    """The dead letter in a record value; `NotADeadLetter` names what is missing."""
+    try:
+        body = orjson.loads(value) if value is not None else None
+    except orjson.JSONDecodeError as exc:
+        raise NotADeadLetter(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise NotADeadLetter("not a JSON object")
+    missing = REQUIRED_FIELDS.difference(body)
+    if missing:
+        raise NotADeadLetter(f"missing field(s) {', '.join(sorted(missing))}")
+    return body
+
+
+def original_bytes(record: Mapping[str, Any]) -> tuple[bytes | None, bytes | None]:
+    """The original key and value of a dead-letter record (inverse of `dead_letter`)."""
+
+    def decode(text: str | None, is_b64: bool) -> bytes | None:
+        if text is None:
+            return None
+        try:
+            return base64.b64decode(text, validate=True) if is_b64 else text.encode("utf-8")
+        except (binascii.Error, ValueError) as exc:
+            raise NotADeadLetter(f"undecodable original: {exc}") from None
+
+    return decode(record["key"], record["key_base64"]), decode(
+        record["value"], record["value_base64"]
+    )

@@ -1,0 +1,177 @@
+"""The `stock-quotes` contract: one price observation (`Quote`), and the validation every
+reader of the topic applies (`QuoteValidator`).
+
+A value is a UTF-8 JSON object; the record key is the symbol. Nothing Faust specific (no
+`__faust` blocks) is ever written, so any Kafka client can produce and consume the topic.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from stockstream.contracts.dead_letters import Reason
+from stockstream.contracts.timestamps import MIN_EPOCH_MS
+from stockstream.errors import StockstreamError
+from stockstream.settings import QuoteSettings
+
+
+class Source(StrEnum):
+    FINNHUB_QUOTE = "finnhub-quote"
+    FINNHUB_TRADE = "finnhub-trade"
+    SIMULATOR = "simulator"
+    REPLAY = "replay"
+
+
+class ContractError(StockstreamError, ValueError):
+    """A record that breaks the contract: `reason` is `malformed` or `invalid`."""
+
+    def __init__(self, reason: Reason, error: str) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+
+
+_OPTIONAL_PRICE_FIELDS = (
+    "change_amount",
+    "change_percent",
+    "day_high",
+    "day_low",
+    "day_open",
+    "prev_close",
+)
+_SOURCES = frozenset(s.value for s in Source)
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    symbol: str
+    current_price: float
+    market_timestamp: int
+    source: str
+    volume: float | None = None
+    fetched_at: int | None = None
+    change_amount: float | None = None
+    change_percent: float | None = None
+    day_high: float | None = None
+    day_low: float | None = None
+    day_open: float | None = None
+    prev_close: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> bytes:
+        # orjson serialises dataclasses natively, field order kept: 10x faster than asdict.
+        return orjson.dumps(self)
+
+
+def _number(data: dict[str, Any], name: str, required: bool) -> float | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise ContractError(Reason.INVALID, f"missing field {name!r}")
+        return None
+    # bool is an int subclass; a price of `true` is a producer bug, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ContractError(Reason.INVALID, f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ContractError(Reason.INVALID, f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _epoch_ms(data: dict[str, Any], name: str, required: bool) -> int | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise ContractError(Reason.INVALID, f"missing field {name!r}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ContractError(Reason.INVALID, f"{name} must be integer epoch milliseconds")
+    if value < MIN_EPOCH_MS:
+        raise ContractError(
+            Reason.INVALID, f"{name}={value} is not epoch milliseconds (seconds given?)"
+        )
+    return int(value)
+
+
+class QuoteValidator:
+    """Turns raw `stock-quotes` bytes into a `Quote` or raises `ContractError`."""
+
+    def __init__(self, symbol_pattern: str, max_future_ms: int) -> None:
+        self._symbol = re.compile(symbol_pattern)
+        self._max_future_ms = max_future_ms
+
+    @classmethod
+    def from_settings(cls, settings: QuoteSettings) -> QuoteValidator:
+        """The validator every reader of `stock-quotes` uses (QUOTE_* settings)."""
+        return cls(settings.symbol_pattern, int(settings.max_future_seconds * 1000))
+
+    def parse(self, key: bytes | None, value: bytes | None, now_ms: int) -> Quote:
+        if value is None:
+            raise ContractError(Reason.MALFORMED, "empty value (tombstone)")
+        try:
+            data = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise ContractError(Reason.MALFORMED, f"not UTF-8 JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ContractError(
+                Reason.MALFORMED, f"expected a JSON object, got {type(data).__name__}"
+            )
+        return self.validate(key, data, now_ms)
+
+    def validate(self, key: bytes | None, data: dict[str, Any], now_ms: int) -> Quote:
+        symbol = data.get("symbol")
+        if not isinstance(symbol, str):
+            raise ContractError(Reason.INVALID, "missing or non-string field 'symbol'")
+        if not self._symbol.match(symbol):
+            raise ContractError(
+                Reason.INVALID, f"symbol {symbol!r} does not match the symbol format"
+            )
+        # Windows are per partition: a record keyed differently lands on another partition
+        # than its symbol's other quotes and would split that symbol's windows.
+        if key is None or key != symbol.encode():
+            shown = None if key is None else key.decode("utf-8", "replace")
+            raise ContractError(
+                Reason.INVALID, f"record key {shown!r} must equal symbol {symbol!r}"
+            )
+        price = _number(data, "current_price", required=True)
+        assert price is not None
+        if price <= 0:
+            raise ContractError(Reason.INVALID, f"current_price must be > 0, got {price!r}")
+        ts = _epoch_ms(data, "market_timestamp", required=True)
+        assert ts is not None
+        if ts > now_ms + self._max_future_ms:
+            raise ContractError(
+                Reason.INVALID,
+                f"market_timestamp {ts} is {(ts - now_ms) / 1000:.0f}s in the future",
+            )
+        source = data.get("source")
+        if source not in _SOURCES:
+            raise ContractError(
+                Reason.INVALID, f"source must be one of {sorted(_SOURCES)}, got {source!r}"
+            )
+        volume = _number(data, "volume", required=False)
+        if volume is not None and volume < 0:
+            raise ContractError(Reason.INVALID, f"volume must be >= 0, got {volume!r}")
+        extra = {name: _number(data, name, required=False) for name in _OPTIONAL_PRICE_FIELDS}
+        high, low = extra["day_high"], extra["day_low"]
+        if high is not None and low is not None and high < low:
+            raise ContractError(Reason.INVALID, f"day_high {high} < day_low {low}")
+        return Quote(
+            symbol=symbol,
+            current_price=price,
+            market_timestamp=ts,
+            source=source,
+            volume=volume,
+            fetched_at=_epoch_ms(data, "fetched_at", required=False),
+            **extra,
+        )
