@@ -9,6 +9,7 @@ cd "$ROOT"
 VENV="${STOCKSTREAM_VENV:-$ROOT/.venv}"
 export PATH="$VENV/bin:$PATH"
 
-echo "== ruff"; ruff check stockstream tests benchmarks
+echo "== ruff"; ruff check stockstream tests benchmarks; ruff format --check stockstream tests benchmarks
 echo "== mypy"; mypy
-echo "== pytest"; python -m pytest "$@"
+echo "== pytest (with coverage of stockstream, worker processes included)"
+python -m pytest --cov --cov-report=term "$@"
