@@ -16,7 +16,8 @@ start. Layout of a spool directory:
     lock                                flock()ed by the one process that owns the spool
 
 A line is one record (spool_format.py). Sequence numbers grow by one per appended record and
-are never reused, also across restarts and after the spool was emptied.
+are never reused, also across restarts and after the spool was emptied (only those of records
+that a crash lost, and that no saved state counted yet, are given again).
 
 Durability: `append` only buffers; `flush(fsync=True)` writes and fsyncs (the producer does it
 in batches, every few tens of milliseconds, and on flush/close). A crash can therefore lose the
@@ -24,6 +25,15 @@ records appended after the last fsync, and may leave a partial last line: a line
 parse (or has no newline at the end of a segment that is no longer being written) is skipped
 and reported in `issues`, never fatal. Appends after a restart always go to a new segment, so
 a damaged tail is never glued to a new record.
+
+A segment's file is created (and the directory fsynced) before its records are written, so a
+power cut can also leave a segment file in which not one line is a record: empty, a partial
+line, zeros. Such a file is not a segment: opening the spool reports it in `issues` and removes
+it before any new segment is created (its name is usually the next sequence number). No state
+has to be written first, as it holds nothing the durable state could be waiting for. A new
+segment is always a new file (created exclusively, never appended to), so the segment list
+holds each file once, in order, with the one being written last; deleting acknowledged
+segments never touches that one.
 
 Acknowledgement: records are handed out in order by `read()`; `ack(seq)` may come in any order
 (records of different partitions are acknowledged independently). The state keeps the longest
@@ -133,11 +143,12 @@ class Spool:
         self._next_seq = 1
         self._load_state()
         # Segments and counts.
-        self._segments: list[_Segment] = []
+        self._segments: list[_Segment] = []  # by first_seq, one per file; the writer's last
         self.pending = 0
-        self._scan()
+        void = self._scan()
         # Writer: always a new segment after open.
         self._writer: IO[bytes] | None = None
+        self._writer_segment: _Segment | None = None
         self._writer_size = 0
         self._buffer = bytearray()
         self._buffer_first_seq = 0
@@ -146,6 +157,7 @@ class Spool:
         # Reader.
         self._cursor = _Cursor(self.acked_through)
         self._outstanding: deque[int] = deque()  # read, not yet acknowledged, in read order
+        self._remove_void_segments(void)
         self._drop_acknowledged_segments()
 
     # ------------------------------------------------------------------ state
@@ -250,8 +262,9 @@ class Spool:
             },
         )
 
-    def _scan(self) -> None:
-        """Find segments, count pending records, find the highest sequence number."""
+    def _scan(self) -> list[_Segment]:
+        """Find segments, count pending records, find the highest sequence number. Returns
+        the files without a single record in them (left by a crash): not segments."""
         found: list[_Segment] = []
         for path in self.directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}"):
             digits = path.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]
@@ -260,6 +273,7 @@ class Spool:
             found.append(_Segment(path, int(digits)))
         found.sort(key=lambda s: s.first_seq)
         highest = 0
+        void: list[_Segment] = []
         for seg in found:
             for _offset, record in self._iter_segment(seg, 0, active=False):
                 if record is None:
@@ -268,8 +282,27 @@ class Spool:
                 highest = max(highest, record.seq)
                 if not self.is_acknowledged(record.seq):
                     self.pending += 1
-        self._segments = found
+            if seg.last_seq == 0:
+                # Reported at its end: a damaged line at 0 is an issue of its own.
+                self._report(
+                    seg.path.name,
+                    seg.path.stat().st_size,
+                    "no record in the segment (left by a crash): removed",
+                )
+                void.append(seg)
+        self._segments = [seg for seg in found if seg.last_seq > 0]
         self._next_seq = max(self._next_seq, highest + 1)
+        return void
+
+    def _remove_void_segments(self, void: list[_Segment]) -> None:
+        """Delete the files `_scan` found without a record. Nothing in them can be pending,
+        so no state has to be written first; it must happen before the writer creates a
+        segment, which would often have the same name."""
+        for seg in void:
+            with contextlib.suppress(FileNotFoundError):
+                seg.path.unlink()
+        if void:
+            _fsync_dir(self.directory)
 
     def _iter_segment(
         self, seg: _Segment, offset: int, *, active: bool, f: IO[bytes] | None = None
@@ -347,10 +380,18 @@ class Spool:
             self._writer.flush()
             os.fsync(self._writer.fileno())
             self._writer.close()
-        path = self.directory / f"{SEGMENT_PREFIX}{self._buffer_first_seq:020d}{SEGMENT_SUFFIX}"
-        self._writer = open(path, "ab")  # noqa: SIM115 - closed in _rotate/_compact/close
+            self._writer = None
+            self._writer_segment = None
+        first = self._buffer_first_seq
+        assert not self._segments or self._segments[-1].first_seq < first
+        path = self.directory / f"{SEGMENT_PREFIX}{first:020d}{SEGMENT_SUFFIX}"
+        # Exclusively: never append to a file that is there already, nor list one file twice
+        # (opening removed those without a record; one with records has a lower number). An
+        # error here fails the append/flush like any I/O error; the next write tries again.
+        self._writer = open(path, "xb")  # noqa: SIM115 - closed in _rotate/_compact/close
         self._writer_size = 0
-        self._segments.append(_Segment(path, self._buffer_first_seq))
+        self._writer_segment = seg = _Segment(path, first)
+        self._segments.append(seg)
         _fsync_dir(self.directory)
 
     def flush(self, fsync: bool = True) -> None:
@@ -466,9 +507,14 @@ class Spool:
         if self._state_dirty:
             return
         removed = False
-        while len(self._segments) > 1 or (self._segments and self._writer is None):
+        while self._segments:
             seg = self._segments[0]
-            last = self._segments[1].first_seq - 1 if len(self._segments) > 1 else seg.last_seq
+            if seg is self._writer_segment:
+                break  # never the file being written (it is the last one)
+            last = seg.last_seq
+            if len(self._segments) > 1:
+                # Records of it may be damaged lines after the last one read: up to the next.
+                last = max(last, self._segments[1].first_seq - 1)
             if last > self.acked_through:
                 break
             self._forget_segment(seg)
@@ -490,6 +536,7 @@ class Spool:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            self._writer_segment = None
             self._writer_size = 0
             self._unsynced = False
         self._cursor.close()
@@ -512,6 +559,7 @@ class Spool:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+                self._writer_segment = None
             self._lock.close()
 
     def __enter__(self) -> Spool:
