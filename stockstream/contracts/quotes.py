@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from stockstream.contracts.dead_letters import Reason
-from stockstream.contracts.timestamps import MIN_EPOCH_MS
+from stockstream.contracts.timestamps import MAX_EPOCH_MS, MIN_EPOCH_MS
 from stockstream.errors import StockstreamError
 from stockstream.settings import QuoteSettings
 
@@ -37,13 +37,27 @@ class ContractError(StockstreamError, ValueError):
         self.error = error
 
 
-_OPTIONAL_PRICE_FIELDS = (
-    "change_amount",
-    "change_percent",
-    "day_high",
-    "day_low",
-    "day_open",
-    "prev_close",
+# Every field is bounded, not only typed: a value that is valid JSON but absurd must be
+# refused here, before it reaches a sum (1e200 * 1e200 is inf, which JSON cannot carry), a
+# Parquet timestamp or a warehouse column. The bounds are far beyond any real instrument.
+#: Prices (and the day's prices): at most 1e12 in the quote currency.
+MAX_PRICE = 1e12
+#: Volumes (shares, contracts or coins): at most 1e15 per quote.
+MAX_VOLUME = 1e15
+#: `change_percent`: at most 1e9 %.
+MAX_CHANGE_PERCENT = 1e9
+#: Symbols are at most this long and printable, whatever QUOTE_SYMBOL_PATTERN allows.
+SYMBOL_MAX_LENGTH = 64
+
+# (field, lowest, highest) of the optional numbers; `current_price` and `volume` are checked
+# on their own (strict lower bounds).
+_OPTIONAL_NUMBERS = (
+    ("change_amount", -MAX_PRICE, MAX_PRICE),
+    ("change_percent", -MAX_CHANGE_PERCENT, MAX_CHANGE_PERCENT),
+    ("day_high", -MAX_PRICE, MAX_PRICE),
+    ("day_low", -MAX_PRICE, MAX_PRICE),
+    ("day_open", -MAX_PRICE, MAX_PRICE),
+    ("prev_close", -MAX_PRICE, MAX_PRICE),
 )
 _SOURCES = frozenset(s.value for s in Source)
 
@@ -71,7 +85,9 @@ class Quote:
         return orjson.dumps(self)
 
 
-def _number(data: dict[str, Any], name: str, required: bool) -> float | None:
+def _number(
+    data: dict[str, Any], name: str, required: bool, low: float, high: float
+) -> float | None:
     value = data.get(name)
     if value is None:
         if required:
@@ -80,9 +96,15 @@ def _number(data: dict[str, Any], name: str, required: bool) -> float | None:
     # bool is an int subclass; a price of `true` is a producer bug, not 1.0.
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ContractError(Reason.INVALID, f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        raise ContractError(Reason.INVALID, f"{name} is out of range") from None
+    if not math.isfinite(number):
         raise ContractError(Reason.INVALID, f"{name} must be finite, got {value!r}")
-    return float(value)
+    if not low <= number <= high:
+        raise ContractError(Reason.INVALID, f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+    return number
 
 
 def _epoch_ms(data: dict[str, Any], name: str, required: bool) -> int | None:
@@ -100,6 +122,8 @@ def _epoch_ms(data: dict[str, Any], name: str, required: bool) -> int | None:
         raise ContractError(
             Reason.INVALID, f"{name}={value} is not epoch milliseconds (seconds given?)"
         )
+    if value > MAX_EPOCH_MS:
+        raise ContractError(Reason.INVALID, f"{name}={value} is after the year 9999")
     return int(value)
 
 
@@ -132,7 +156,14 @@ class QuoteValidator:
         symbol = data.get("symbol")
         if not isinstance(symbol, str):
             raise ContractError(Reason.INVALID, "missing or non-string field 'symbol'")
-        if not self._symbol.match(symbol):
+        if not 0 < len(symbol) <= SYMBOL_MAX_LENGTH or not symbol.isprintable():
+            raise ContractError(
+                Reason.INVALID,
+                f"symbol must be 1 to {SYMBOL_MAX_LENGTH} printable characters,"
+                f" got {symbol[:SYMBOL_MAX_LENGTH]!r}",
+            )
+        # fullmatch: with `match`, `$` accepts a trailing newline ("AAPL\n").
+        if not self._symbol.fullmatch(symbol):
             raise ContractError(
                 Reason.INVALID, f"symbol {symbol!r} does not match the symbol format"
             )
@@ -143,7 +174,7 @@ class QuoteValidator:
             raise ContractError(
                 Reason.INVALID, f"record key {shown!r} must equal symbol {symbol!r}"
             )
-        price = _number(data, "current_price", required=True)
+        price = _number(data, "current_price", required=True, low=-math.inf, high=MAX_PRICE)
         assert price is not None
         if price <= 0:
             raise ContractError(Reason.INVALID, f"current_price must be > 0, got {price!r}")
@@ -159,10 +190,13 @@ class QuoteValidator:
             raise ContractError(
                 Reason.INVALID, f"source must be one of {sorted(_SOURCES)}, got {source!r}"
             )
-        volume = _number(data, "volume", required=False)
+        volume = _number(data, "volume", required=False, low=-math.inf, high=MAX_VOLUME)
         if volume is not None and volume < 0:
             raise ContractError(Reason.INVALID, f"volume must be >= 0, got {volume!r}")
-        extra = {name: _number(data, name, required=False) for name in _OPTIONAL_PRICE_FIELDS}
+        extra = {
+            name: _number(data, name, required=False, low=low, high=high)
+            for name, low, high in _OPTIONAL_NUMBERS
+        }
         high, low = extra["day_high"], extra["day_low"]
         if high is not None and low is not None and high < low:
             raise ContractError(Reason.INVALID, f"day_high {high} < day_low {low}")

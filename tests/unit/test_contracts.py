@@ -6,6 +6,8 @@ import math
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stockstream.contracts.dead_letters import Reason, dead_letter, original_bytes
 from stockstream.contracts.quotes import ContractError, Quote, QuoteValidator
@@ -141,3 +143,103 @@ def test_dead_letter_keeps_original_bytes_text_or_base64() -> None:
     )
     assert record["key_base64"] is True and record["value_base64"] is False
     assert record["reason"] == "late" and record["failed_at"].endswith("Z")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"current_price": 1e200, "volume": 1e200}, "current_price must be in"),
+        ({"volume": 1e200}, "volume must be in"),
+        ({"current_price": 10**400}, "current_price is out of range"),
+        ({"fetched_at": 2**64 - 1}, "fetched_at=18446744073709551615 is after the year 9999"),
+        ({"fetched_at": 1e300}, "is after the year 9999"),
+        ({"day_high": 1e13, "day_low": 1.0}, "day_high must be in"),
+        ({"change_percent": -1e10}, "change_percent must be in"),
+        ({"symbol": "AAPL\n"}, "printable"),
+        ({"symbol": "aapl"}, "does not match the symbol format"),
+        ({"symbol": "A" * 65}, "symbol must be 1 to 64 printable characters"),
+        ({"symbol": "AA\x00PL"}, "printable"),
+        ({"symbol": ""}, "printable"),
+    ],
+)
+def test_every_field_is_bounded_not_only_typed(overrides: dict[str, object], needle: str) -> None:
+    symbol = overrides.get("symbol", "AAPL")
+    key = symbol.encode() if isinstance(symbol, str) else b"AAPL"
+    with pytest.raises(ContractError) as info:
+        V.validate(key, good(**overrides), NOW)
+    assert info.value.reason is Reason.INVALID
+    assert needle in info.value.error
+
+
+def test_the_largest_valid_quote_still_sums_to_finite_numbers() -> None:
+    quote = V.validate(b"AAPL", good(current_price=1e12, volume=1e15), NOW)
+    # What a window accumulates, many times over, stays finite (JSON cannot carry inf).
+    assert math.isfinite(quote.current_price * quote.volume * 1e9)  # type: ignore[operator]
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=30),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+fields = st.sampled_from(
+    [
+        "symbol",
+        "current_price",
+        "market_timestamp",
+        "source",
+        "volume",
+        "fetched_at",
+        "change_amount",
+        "change_percent",
+        "day_high",
+        "day_low",
+        "day_open",
+        "prev_close",
+    ]
+)
+
+
+@given(
+    st.dictionaries(fields, json_values, max_size=12),
+    st.none() | st.binary(max_size=12) | st.just(b"AAPL"),
+)
+def test_any_json_object_is_a_bounded_quote_or_a_contract_error(
+    record: dict[str, object], key: bytes | None
+) -> None:
+    base = good()
+    base.update(record)
+    try:
+        quote = V.parse(key, orjson.dumps(base, option=orjson.OPT_NON_STR_KEYS), NOW)
+    except ContractError as exc:
+        assert exc.reason in (Reason.INVALID, Reason.MALFORMED) and exc.error
+        return
+    assert 0 < quote.current_price <= 1e12
+    assert quote.volume is None or 0 <= quote.volume <= 1e15
+    assert 100_000_000_000 <= quote.market_timestamp <= NOW + 300_000
+    assert quote.fetched_at is None or quote.fetched_at <= 253_402_300_800_000
+
+
+@given(st.binary(max_size=300), st.none() | st.binary(max_size=20))
+def test_any_bytes_are_a_quote_or_a_contract_error(value: bytes, key: bytes | None) -> None:
+    try:
+        V.parse(key, value, NOW)
+    except ContractError as exc:
+        assert exc.reason in (Reason.INVALID, Reason.MALFORMED)
+
+
+@given(st.dictionaries(fields, st.integers() | st.floats() | st.text(max_size=5), max_size=12))
+def test_any_python_values_validate_or_raise_a_contract_error(record: dict[str, object]) -> None:
+    # The replay source hands parsed rows (arbitrary Python ints included) to `validate`.
+    base = good()
+    base.update(record)
+    try:
+        V.validate(b"AAPL", base, NOW)
+    except ContractError as exc:
+        assert exc.reason is Reason.INVALID
