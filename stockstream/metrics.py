@@ -44,10 +44,29 @@ WATERMARK = Gauge(
     ["partition"],
     registry=REGISTRY,
 )
+STREAM_GAP_RECORDS = Counter(
+    "stockstream_stream_gap_records_total",
+    "Records of stock-quotes the worker's stream did not deliver in order (after a restart:"
+    " those after the last checkpoint; otherwise records Faust skipped), read directly and"
+    " processed",
+    registry=REGISTRY,
+)
+STATE_UNREADABLE = Counter(
+    "stockstream_state_unreadable_total",
+    "Window-table values that could not be read when a partition was loaded (skipped and"
+    " logged with their key; only damage or another release's format gets here)",
+    registry=REGISTRY,
+)
 EVENT_LAG = Histogram(
     "stockstream_event_lag_seconds",
     "Wall clock minus market_timestamp when a quote is aggregated",
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600, 86400),
+    registry=REGISTRY,
+)
+EMIT_FAILURES = Counter(
+    "stockstream_window_emit_failures_total",
+    "Window sends that failed; each is looked up in the output partition before it is sent"
+    " again, so a window is never written twice",
     registry=REGISTRY,
 )
 EMIT_LATENCY = Histogram(
@@ -62,6 +81,13 @@ DEAD_LETTERS = Counter(
     "stockstream_dead_letters_total",
     "Records sent to the dead-letter topic, by reason",
     ["reason"],
+    registry=REGISTRY,
+)
+
+DEAD_LETTER_RETRIES = Counter(
+    "stockstream_dead_letter_retries_total",
+    "Dead letters sent again because the broker did not acknowledge them (the DLQ may then"
+    " hold them twice; its consumers deduplicate by topic, partition and offset)",
     registry=REGISTRY,
 )
 

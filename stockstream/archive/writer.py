@@ -167,15 +167,36 @@ class BatchWriter:
         self.validator = validator
         self.dead_letters = dead_letters
 
-    def encode(self, records: Sequence[Any]) -> list[Encoded]:
-        """The batch's objects (pure, deterministic; run in a thread by `write`)."""
+    def encode(self, records: Sequence[Any]) -> tuple[list[Encoded], list[tuple[int, str]]]:
+        """The batch's objects, and (offset, error) of the valid quotes Parquet refused (pure,
+        deterministic: a re-written batch gives the same keys and bytes; run in a thread).
+
+        The contract bounds every field, so a valid quote always encodes; should one not, it
+        is taken out (and dead-lettered by `write`) instead of failing the batch forever."""
         rows, rejected = parquet.parse_records(records, self.validator)
         for _, exc in rejected:
             ARCHIVE_SKIPPED.labels(exc.reason.value).inc()
-        return [
-            Encoded(key, parquet.encode(group), [r.offset for r in group])
-            for key, group in parquet.split_by_hour(self.topic, rows)
-        ]
+        encoded: list[Encoded] = []
+        refused: list[tuple[int, str]] = []
+        for key, group in parquet.split_by_hour(self.topic, rows):
+            try:
+                encoded.append(Encoded(key, parquet.encode(group), [r.offset for r in group]))
+                continue
+            except Exception:  # pyarrow's errors are many types
+                pass
+            kept = []
+            for row in group:
+                try:
+                    parquet.encode([row])
+                except Exception as exc:
+                    refused.append((row.offset, f"{type(exc).__name__}: {exc}"))
+                else:
+                    kept.append(row)
+            encoded.extend(
+                Encoded(k, parquet.encode(g), [r.offset for r in g])
+                for k, g in parquet.split_by_hour(self.topic, kept)
+            )
+        return encoded, refused
 
     async def write(
         self, partition: int, through: int, records: list[Any], forced: bool, owned: Owned
@@ -184,7 +205,9 @@ class BatchWriter:
         progress. Objects that cannot be stored under the `dead-letter` policy have their
         records dead-lettered (delivered before this returns)."""
         first, last = records[0].offset, records[-1].offset
-        encoded = await asyncio.to_thread(self.encode, records)
+        encoded, refused = await asyncio.to_thread(self.encode, records)
+        if refused:
+            await self._reject(partition, owned, records, refused)
         if not encoded:
             return
         mkey = manifest_key(self.topic, partition)
@@ -249,6 +272,35 @@ class BatchWriter:
         ARCHIVE_RECORDS.inc(len(item.offsets))
         ARCHIVE_BYTES.inc(len(item.data))
         log.info("archived object", extra={**item.log_fields(partition), "bytes": len(item.data)})
+
+    async def _reject(
+        self, partition: int, owned: Owned, records: list[Any], refused: list[tuple[int, str]]
+    ) -> None:
+        """Dead-letter (reason archive-rejected) valid quotes that cannot be encoded."""
+        errors = dict(refused)
+        chosen = [r for r in records if r.offset in errors]
+        for record in chosen:
+            log.error(
+                "archive cannot encode a valid quote; dead-lettered",
+                extra={
+                    "partition": partition,
+                    "offset": record.offset,
+                    "error": errors[record.offset],
+                },
+            )
+
+        async def deliver() -> None:
+            deliveries = [
+                await self.dead_letters.send(
+                    r, Reason.ARCHIVE_REJECTED, f"not encodable: {errors[r.offset]}"
+                )
+                for r in chosen
+            ]
+            await asyncio.gather(*deliveries)
+
+        await self.calls.call(
+            "dead-letter", partition, owned, deliver, to_thread=False, forever=True
+        )
 
     async def _dead_letter(
         self, partition: int, owned: Owned, records: list[Any], failed: list[Encoded], error: str

@@ -3,12 +3,20 @@
 A dead letter carries the original key and value (as text, or base64 when they are not UTF-8)
 and where the original is (`topic`, `partition`, `offset`, which identify it), so it can be
 inspected and re-driven (`stockstream dlq redrive`) once its cause is fixed.
+
+A dead letter always fits in one Kafka record: an original too large to carry whole (the
+broker refuses records over about 1 MiB, and the envelope adds to the original) is cut, and
+`key_truncated`/`value_truncated`, `key_bytes`/`value_bytes` and `key_sha256`/`value_sha256`
+say so and identify it; the complete original stays at its coordinates in its topic.
+The topic is at-least-once: after a crash a dead letter may appear twice; its consumers
+deduplicate on (`topic`, `partition`, `offset`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
@@ -26,6 +34,7 @@ class Reason(StrEnum):
     INVALID = "invalid"  # JSON, but breaks the contract
     LATE = "late"  # its window was already emitted
     ARCHIVE_FAILED = "archive-failed"  # the raw archive could not store it
+    ARCHIVE_REJECTED = "archive-rejected"  # a valid quote the archive cannot encode
     WAREHOUSE_REJECTED = "warehouse-rejected"  # the warehouse refused the row for good
     INTERNAL_ERROR = "internal-error"  # a bug of ours; the worker log has the traceback
 
@@ -49,6 +58,26 @@ def _text_or_base64(raw: bytes | None) -> tuple[str | None, bool]:
         return base64.b64encode(raw).decode("ascii"), True
 
 
+def _carried(name: str, raw: bytes | None, limit: int | None) -> dict[str, Any]:
+    """The fields that carry one original part (`key` or `value`), cut to `limit` bytes."""
+    fields: dict[str, Any] = {}
+    if raw is not None and limit is not None and len(raw) > limit:
+        # Cut on a character boundary when it is text, so it stays text.
+        cut = raw[: max(0, limit)]
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            cut = cut.decode("utf-8", "ignore").encode("utf-8")
+        fields[f"{name}_truncated"] = True
+        fields[f"{name}_bytes"] = len(raw)
+        fields[f"{name}_sha256"] = hashlib.sha256(raw).hexdigest()
+        raw = cut
+    text, is_b64 = _text_or_base64(raw)
+    return {name: text, f"{name}_base64": is_b64, **fields}
+
+
 def dead_letter(
     *,
     key: bytes | None,
@@ -59,15 +88,14 @@ def dead_letter(
     reason: Reason,
     error: str,
     failed_at_ms: int,
+    max_key_bytes: int | None = None,
+    max_value_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """A `stock-quotes-dlq` record: everything needed to inspect or re-drive the original."""
-    key_text, key_b64 = _text_or_base64(key)
-    value_text, value_b64 = _text_or_base64(value)
+    """A `stock-quotes-dlq` record: everything needed to inspect or re-drive the original
+    (key and value cut to the given sizes, when given and exceeded)."""
     return {
-        "key": key_text,
-        "key_base64": key_b64,
-        "value": value_text,
-        "value_base64": value_b64,
+        **_carried("key", key, max_key_bytes),
+        **_carried("value", value, max_value_bytes),
         "topic": topic,
         "partition": partition,
         "offset": offset,
@@ -91,8 +119,14 @@ def parse_dead_letter(value: bytes | None) -> dict[str, Any]:
     return body
 
 
+def is_truncated(record: Mapping[str, Any]) -> bool:
+    """True when the dead letter does not carry the whole original."""
+    return bool(record.get("key_truncated") or record.get("value_truncated"))
+
+
 def original_bytes(record: Mapping[str, Any]) -> tuple[bytes | None, bytes | None]:
-    """The original key and value of a dead-letter record (inverse of `dead_letter`)."""
+    """The original key and value of a dead-letter record (inverse of `dead_letter`; for a
+    truncated one, only the part it carries)."""
 
     def decode(text: str | None, is_b64: bool) -> bytes | None:
         if text is None:

@@ -1,6 +1,6 @@
 """The warehouse loader: `stock-quotes-aggregated` -> DuckDB or BigQuery (base.py).
 
-Where it ruWhere it runs
+Where it runs
 -------------
 Inside the Faust worker as a `ConsumerService` (kafka/consumer_service.py) with its OWN consumer
 group `<app id>-warehouse`, not as an agent on the aggregated topic: a loader that must block
@@ -13,7 +13,7 @@ records reached the aggregated topic while the worker ran, the aggregation proce
 agent's unacknowledged events). This service, same runs: all 288 windows in 5-7 s in every
 case, SIGTERM done in 1.5 s (tests/integration/test_warehouse.py keeps the backlog case).
 
- guarantees
+Batches and guarantees
 ----------------------
 Records are collected into a batch of up to `WAREHOUSE_BATCH_ROWS` records or
 `WAREHOUSE_BATCH_SECONDS` after its first record, whichever comes first (across partitions).
@@ -42,7 +42,6 @@ Active only with `WAREHOUSE_ENABLED=true` (the default).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -243,16 +242,15 @@ class WarehouseLoader(ConsumerService):
         if rows:
             for rejected in await self.warehouse.write(rows):
                 refused.append(Rejected(positions[rejected.index], rejected.error))
-        deliveries = [
-            await self.dead_letters.send(
+        batch = self.dead_letters.batch()
+        for rejected in refused:
+            await batch.add(
                 records[rejected.index],
                 Reason.WAREHOUSE_REJECTED,
                 f"{self.warehouse.name} rejected the row: {rejected.error}",
             )
-            for rejected in refused
-        ]
         # Delivered before the offsets are committed: the DLQ is the records' only home.
-        await asyncio.gather(*deliveries)
+        await batch.deliver()
         _WRITTEN.inc(len(records) - len(refused))
         _REJECTED.inc(len(refused))
         log.debug(
