@@ -127,7 +127,7 @@ STAGES: list[tuple[str, Match]] = [
     ),
     (
         "agent: close_windows (emit aggregates, wait for acks)",
-        _fn("/stockstream/agents/aggregate.py", "close_windows", "_emit"),
+        _in("/stockstream/agents/aggregate/emitter.py"),
     ),
     (
         "agent: QuoteValidator.parse (orjson.loads + validation)",

@@ -4,7 +4,7 @@
 #
 # Usage: scripts/kafka.sh {fetch|start|stop|status|reset|logs}
 #
-#   fetch   resolve the broker jars from Maven Central (kafka/pom.xml) into $KAFKA_DIR/libs
+#   fetch   resolve the broker jars from Maven Central (kafka/pom.xml) into $KAFKA_LIBS_DIR
 #   start   fetch if needed, format storage once, start in the background, wait until
 #           the broker answers Kafka ApiVersions, print the bootstrap address (idempotent)
 #   stop    SIGTERM, wait up to 30 s, then SIGKILL
@@ -18,6 +18,27 @@
 #   KAFKA_DIR              state dir (default <repo>/.local/kafka)
 #   KAFKA_HEAP             JVM heap flags (default "-Xms256m -Xmx512m")
 #   KAFKA_START_TIMEOUT    seconds to wait for the broker to answer (default 60)
+#   KAFKA_LIBS_DIR         where the jars go (default $KAFKA_DIR/libs; share it between dirs)
+#
+# Security (off by default: then the broker has its PLAINTEXT listener only, as always).
+# KAFKA_SECURITY adds listeners beside PLAINTEXT (which stays for the broker's own use, the
+# readiness probe and tools), comma-separated:
+#   sasl      SASL_PLAINTEXT on KAFKA_SASL_PORT (default KAFKA_PORT+1)
+#   ssl       SSL on KAFKA_SSL_PORT (default KAFKA_PORT+2), client certificate required
+#   sasl_ssl  SASL_SSL on KAFKA_SASL_SSL_PORT (default KAFKA_PORT+3), server TLS only
+#   all       all three
+# SASL listeners accept SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN for the users of
+#   KAFKA_SASL_USERS       user:password[,user:password ...] (no ',' or ':' in either;
+#                          default stockstream:stockstream-secret)
+# SCRAM users are written into the storage when it is formatted (StorageTool --add-scram), or
+# set through the PLAINTEXT listener after start when the list changed since; PLAIN users live
+# in the generated properties (mode 600). A running broker keeps the listeners it was started
+# with: `stop` it to change KAFKA_SECURITY.
+# TLS material is generated once with openssl into $KAFKA_DIR/tls-$PORT/: ca.pem (the CA
+# clients trust: KAFKA_SSL_CAFILE), broker.pem (PEM keystore: key + certificate for 127.0.0.1
+# and localhost), client.pem + client.key (a client certificate for the ssl listener:
+# KAFKA_SSL_CERTFILE, KAFKA_SSL_KEYFILE). `start` prints one bootstrap address per listener:
+#   KAFKA_SECURITY=sasl scripts/kafka.sh start  ->  127.0.0.1:9092 and SASL_PLAINTEXT://127.0.0.1:9093
 #
 # Everything that depends on the port is per port, so e.g. a test broker on 19092
 # can run next to a dev broker on 9092:
@@ -26,6 +47,7 @@
 #   $KAFKA_DIR/broker-$PORT.pid         pid of the java process
 #   $KAFKA_DIR/broker-$PORT.log         broker log (log4j2, rolled at 20 MB)
 #   $KAFKA_DIR/broker-$PORT.out         JVM stdout/stderr (crashes, early errors)
+#   $KAFKA_DIR/tls-$PORT/               CA, broker and client certificates (KAFKA_SECURITY)
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -37,18 +59,28 @@ KAFKA_DIR="${KAFKA_DIR:-$REPO_ROOT/.local/kafka}"
 [[ "$KAFKA_DIR" == /* ]] || KAFKA_DIR="$PWD/$KAFKA_DIR"
 KAFKA_HEAP="${KAFKA_HEAP:--Xms256m -Xmx512m}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-60}"
+KAFKA_SECURITY="${KAFKA_SECURITY:-}"
+KAFKA_SASL_PORT="${KAFKA_SASL_PORT:-$((KAFKA_PORT + 1))}"
+KAFKA_SSL_PORT="${KAFKA_SSL_PORT:-$((KAFKA_PORT + 2))}"
+KAFKA_SASL_SSL_PORT="${KAFKA_SASL_SSL_PORT:-$((KAFKA_PORT + 3))}"
+KAFKA_SASL_USERS="${KAFKA_SASL_USERS:-stockstream:stockstream-secret}"
 
 HOST=127.0.0.1
 BOOTSTRAP="$HOST:$KAFKA_PORT"
 POM="$REPO_ROOT/kafka/pom.xml"
 LOG4J_CONFIG="$REPO_ROOT/kafka/log4j2.properties"
-LIBS_DIR="$KAFKA_DIR/libs"
+LIBS_DIR="${KAFKA_LIBS_DIR:-$KAFKA_DIR/libs}"
+[[ "$LIBS_DIR" == /* ]] || LIBS_DIR="$PWD/$LIBS_DIR"
+# The fetch's lock, log and temporary dir sit beside the jars (= in $KAFKA_DIR by default).
+LIBS_PARENT="$(dirname "$LIBS_DIR")"
 POM_HASH_FILE="$LIBS_DIR/.pom.sha256"
 DATA_DIR="$KAFKA_DIR/data-$KAFKA_PORT"
 PROPS_FILE="$KAFKA_DIR/server-$KAFKA_PORT.properties"
 PID_FILE="$KAFKA_DIR/broker-$KAFKA_PORT.pid"
 LOG_FILE="$KAFKA_DIR/broker-$KAFKA_PORT.log"
 OUT_FILE="$KAFKA_DIR/broker-$KAFKA_PORT.out"
+TLS_DIR="$KAFKA_DIR/tls-$KAFKA_PORT"
+SCRAM_MARKER="$DATA_DIR/stockstream-scram-users.sha256"
 STOP_TIMEOUT=30
 
 log() { echo "kafka.sh: $*" >&2; }
@@ -58,6 +90,43 @@ for v in KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_START_TIMEOUT; do
   [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a number, got '${!v}'"
 done
 [[ "$KAFKA_PORT" != "$KAFKA_CONTROLLER_PORT" ]] || die "KAFKA_PORT and KAFKA_CONTROLLER_PORT must differ"
+
+# ---------------------------------------------------------------- security options
+
+SEC_SASL=0 SEC_SSL=0 SEC_SASL_SSL=0
+IFS=', ' read -r -a _security_modes <<<"$KAFKA_SECURITY"
+for _mode in "${_security_modes[@]}"; do
+  case "${_mode,,}" in
+    "" | none | plaintext) ;;
+    sasl | sasl_plaintext) SEC_SASL=1 ;;
+    ssl | tls) SEC_SSL=1 ;;
+    sasl_ssl) SEC_SASL_SSL=1 ;;
+    all) SEC_SASL=1 SEC_SSL=1 SEC_SASL_SSL=1 ;;
+    *) die "KAFKA_SECURITY: unknown mode '$_mode' (sasl, ssl, sasl_ssl, all)" ;;
+  esac
+done
+SEC_ANY_SASL=$((SEC_SASL || SEC_SASL_SSL))
+SEC_ANY_TLS=$((SEC_SSL || SEC_SASL_SSL))
+
+# "NAME:PORT" of each extra listener that is on.
+extra_listeners() {
+  ((SEC_SASL)) && echo "SASL_PLAINTEXT:$KAFKA_SASL_PORT"
+  ((SEC_SSL)) && echo "SSL:$KAFKA_SSL_PORT"
+  ((SEC_SASL_SSL)) && echo "SASL_SSL:$KAFKA_SASL_SSL_PORT"
+  return 0
+}
+
+for v in KAFKA_SASL_PORT KAFKA_SSL_PORT KAFKA_SASL_SSL_PORT; do
+  [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a number, got '${!v}'"
+done
+if ((SEC_ANY_SASL)); then
+  IFS=',' read -r -a SASL_USERS <<<"$KAFKA_SASL_USERS"
+  ((${#SASL_USERS[@]})) || die "KAFKA_SASL_USERS is empty"
+  for _user in "${SASL_USERS[@]}"; do
+    [[ "$_user" =~ ^[^:[:space:]]+:[^:[:space:]]+$ ]] \
+      || die "KAFKA_SASL_USERS: expected user:password[,user:password ...]"
+  done
+fi
 
 java_bin() {
   if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
@@ -98,14 +167,14 @@ fetch_locked() {
   fi
   command -v mvn >/dev/null 2>&1 || die "mvn not found (needed once to fetch the Kafka jars)"
   log "resolving Kafka jars from Maven Central into $LIBS_DIR"
-  local tmp="$KAFKA_DIR/libs.tmp.$$"
+  local tmp="$LIBS_PARENT/libs.tmp.$$"
   rm -rf "$tmp"
   # Output kept aside and shown only on failure (Debian's mvn 3.8 -q still emits stray ANSI resets).
   if ! mvn -q -B -Dstyle.color=never -f "$POM" dependency:copy-dependencies \
-      -DoutputDirectory="$tmp" -DincludeScope=runtime >"$KAFKA_DIR/fetch.log" 2>&1; then
-    sed -e $'s/\x1b\\[[0-9;]*m//g' "$KAFKA_DIR/fetch.log" >&2
+      -DoutputDirectory="$tmp" -DincludeScope=runtime >"$LIBS_PARENT/fetch.log" 2>&1; then
+    sed -e $'s/\x1b\\[[0-9;]*m//g' "$LIBS_PARENT/fetch.log" >&2
     rm -rf "$tmp"
-    die "mvn dependency:copy-dependencies failed (full output: $KAFKA_DIR/fetch.log)"
+    die "mvn dependency:copy-dependencies failed (full output: $LIBS_PARENT/fetch.log)"
   fi
   pom_hash >"$tmp/.pom.sha256"
   rm -rf "$LIBS_DIR"
@@ -113,7 +182,7 @@ fetch_locked() {
   log "fetched $(find "$LIBS_DIR" -name '*.jar' | wc -l) jars"
 }
 
-cmd_fetch() { with_lock "$KAFKA_DIR/fetch.lock" fetch_locked; }
+cmd_fetch() { mkdir -p "$LIBS_PARENT" && with_lock "$LIBS_PARENT/fetch.lock" fetch_locked; }
 
 # ---------------------------------------------------------------- process helpers
 
@@ -199,14 +268,27 @@ port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 # ---------------------------------------------------------------- start
 
 write_props() {
+  local listeners="PLAINTEXT://$HOST:$KAFKA_PORT" advertised="PLAINTEXT://$HOST:$KAFKA_PORT"
+  local protocols="PLAINTEXT:PLAINTEXT" name_port name
+  while read -r name_port; do
+    [[ -n "$name_port" ]] || continue
+    name="${name_port%%:*}"
+    listeners+=",$name://$HOST:${name_port#*:}"
+    advertised+=",$name://$HOST:${name_port#*:}"
+    protocols+=",$name:$name"
+  done < <(extra_listeners)
+  if ((SEC_ANY_SASL)); then  # the PLAIN users' passwords are written into it
+    rm -f "$PROPS_FILE"
+    (umask 077 && : >"$PROPS_FILE")
+  fi
   cat >"$PROPS_FILE" <<EOF
 # Generated by scripts/kafka.sh on every start -- edits are overwritten.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listeners=$listeners,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=$advertised
+listener.security.protocol.map=$protocols,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
 log.dirs=$DATA_DIR
@@ -227,6 +309,110 @@ num.network.threads=2
 num.io.threads=4
 num.recovery.threads.per.data.dir=1
 EOF
+  write_security_props
+}
+
+# The extra listeners' settings (KAFKA_SECURITY); nothing when it is off.
+write_security_props() {
+  local listener user plain_users=""
+  if ((SEC_ANY_SASL)); then
+    for user in "${SASL_USERS[@]}"; do
+      plain_users+=" user_${user%%:*}=\"${user#*:}\""
+    done
+    echo "sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN" >>"$PROPS_FILE"
+    for listener in sasl_plaintext sasl_ssl; do
+      { [[ "$listener" == sasl_plaintext ]] && ((SEC_SASL)); } \
+        || { [[ "$listener" == sasl_ssl ]] && ((SEC_SASL_SSL)); } || continue
+      cat >>"$PROPS_FILE" <<EOF
+listener.name.$listener.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.$listener.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.$listener.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required$plain_users;
+EOF
+    done
+  fi
+  if ((SEC_ANY_TLS)); then
+    cat >>"$PROPS_FILE" <<EOF
+ssl.keystore.type=PEM
+ssl.keystore.location=$TLS_DIR/broker.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.pem
+EOF
+    if ((SEC_SSL)); then
+      echo "listener.name.ssl.ssl.client.auth=required" >>"$PROPS_FILE"
+    fi
+  fi
+  return 0
+}
+
+# A CA, a broker certificate (127.0.0.1, localhost) and a client certificate, made once.
+make_tls() {
+  ((SEC_ANY_TLS)) || return 0
+  [[ -f "$TLS_DIR/broker.pem" && -f "$TLS_DIR/client.pem" ]] && return 0
+  command -v openssl >/dev/null 2>&1 || die "openssl not found (needed for KAFKA_SECURITY=ssl/sasl_ssl)"
+  log "generating a local CA and certificates in $TLS_DIR"
+  local tmp="$TLS_DIR.tmp.$$"
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  if ! (
+    cd "$tmp"
+    umask 077
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout ca.key -out ca.pem \
+      -subj "/CN=stockstream local Kafka CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+    printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost" "extendedKeyUsage=serverAuth" \
+      "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid,issuer" >broker.ext
+    printf '%s\n' "extendedKeyUsage=clientAuth" \
+      "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid,issuer" >client.ext
+    for who in broker client; do
+      openssl req -newkey rsa:2048 -nodes -keyout "$who.key" -out "$who.csr" \
+        -subj "/CN=stockstream-$who"
+      openssl x509 -req -in "$who.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+        -out "$who.pem" -extfile "$who.ext"
+    done
+    # Kafka's PEM keystore: the (PKCS#8, unencrypted) key followed by the certificate.
+    cat broker.key broker.pem >broker-keystore.pem
+    mv broker-keystore.pem broker.pem
+    rm -f ./*.csr ./*.ext ca.srl broker.key
+  ) >"$tmp.log" 2>&1; then
+    cat "$tmp.log" >&2
+    rm -rf "$tmp" "$tmp.log"
+    die "openssl failed"
+  fi
+  rm -f "$tmp.log"
+  chmod 644 "$tmp/ca.pem" "$tmp/client.pem"
+  rm -rf "$TLS_DIR"
+  mv "$tmp" "$TLS_DIR"
+}
+
+# Each "user:password" as SCRAM credentials for both mechanisms, in StorageTool's syntax.
+scram_args() {
+  local user
+  for user in "${SASL_USERS[@]}"; do
+    printf -- '--add-scram\nSCRAM-SHA-512=[name=%s,password=%s]\n' "${user%%:*}" "${user#*:}"
+    printf -- '--add-scram\nSCRAM-SHA-256=[name=%s,password=%s]\n' "${user%%:*}" "${user#*:}"
+  done
+}
+
+users_hash() { printf '%s' "$KAFKA_SASL_USERS" | sha256sum | cut -d' ' -f1; }
+
+# Storage formatted before these users were asked for: set them through the running broker
+# (one mechanism per request: the broker refuses two changes of one user in one request).
+update_scram_users() {
+  ((SEC_ANY_SASL)) || return 0
+  [[ -f "$SCRAM_MARKER" && "$(cat "$SCRAM_MARKER")" == "$(users_hash)" ]] && return 0
+  local java user mechanism
+  java="$(java_bin)"
+  java_opts
+  for user in "${SASL_USERS[@]}"; do
+    log "setting the SCRAM credentials of user ${user%%:*}"
+    for mechanism in SCRAM-SHA-512 SCRAM-SHA-256; do
+      "$java" "${JAVA_OPTS[@]}" -cp "$LIBS_DIR/*" kafka.admin.ConfigCommand \
+        --bootstrap-server "$BOOTSTRAP" --alter --entity-type users \
+        --entity-name "${user%%:*}" --add-config "$mechanism=[password=${user#*:}]" \
+        >/dev/null || return 1
+    done
+  done
+  users_hash >"$SCRAM_MARKER"
 }
 
 java_opts() {
@@ -249,9 +435,16 @@ format_storage() {
   [[ -n "$cluster_id" ]] || die "kafka.tools.StorageTool random-uuid printed nothing"
   log "formatting $DATA_DIR (cluster id $cluster_id)"
   mkdir -p "$DATA_DIR"
+  local scram=()
+  if ((SEC_ANY_SASL)); then
+    mapfile -t scram < <(scram_args)
+  fi
   "$java" "${JAVA_OPTS[@]}" -cp "$LIBS_DIR/*" kafka.tools.StorageTool \
-    format -t "$cluster_id" -c "$PROPS_FILE" >&2 \
+    format -t "$cluster_id" -c "$PROPS_FILE" "${scram[@]}" >&2 \
     || die "formatting $DATA_DIR failed"
+  if ((SEC_ANY_SASL)); then
+    users_hash >"$SCRAM_MARKER"
+  fi
 }
 
 start_locked() {
@@ -273,9 +466,17 @@ start_locked() {
   if port_open "$KAFKA_CONTROLLER_PORT"; then
     die "controller port $KAFKA_CONTROLLER_PORT is already in use by another process"
   fi
+  local name_port
+  while read -r name_port; do
+    [[ -n "$name_port" ]] || continue
+    if port_open "${name_port#*:}"; then
+      die "${name_port%%:*} port ${name_port#*:} is already in use by another process"
+    fi
+  done < <(extra_listeners)
 
   cmd_fetch
   mkdir -p "$KAFKA_DIR"
+  make_tls
   write_props
   format_storage
 
@@ -309,7 +510,21 @@ start_locked() {
     exit 1
   fi
   log "broker up after $(($(date +%s) - started))s (pid $pid)"
+  if ! update_scram_users; then
+    stop_pid "$pid"
+    rm -f "$PID_FILE"
+    die "could not set the SCRAM users of KAFKA_SASL_USERS; broker stopped"
+  fi
   echo "$BOOTSTRAP"
+  print_extra_listeners
+}
+
+print_extra_listeners() {
+  local name_port
+  while read -r name_port; do
+    [[ -n "$name_port" ]] && echo "${name_port%%:*}://$HOST:${name_port#*:}"
+  done < <(extra_listeners)
+  return 0
 }
 
 # Wait until the broker logged "Kafka Server started" (searched from byte offset

@@ -16,14 +16,15 @@ import functools
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import faust
 
-from stockstream.agents.aggregate import Aggregation
+from stockstream.agents.aggregate.agent import Aggregation
 from stockstream.archive.archiver import Archiver
 from stockstream.archive.object_store import from_settings as object_store
 from stockstream.deadletter import DeadLetters
-from stockstream.kafka import clients
+from stockstream.kafka import clients, faust_transport
 from stockstream.kafka.consumer_service import ConsumerServiceRunner
 from stockstream.kafka.topics import clock_topic_name, ensure_topics
 from stockstream.logs import logging_config
@@ -64,6 +65,12 @@ class StockstreamApp(faust.App):
             )
             shutil.rmtree(tables)
 
+    def _new_transport(self) -> Any:
+        return faust_transport.Transport(self.conf.broker_consumer, self)
+
+    def _new_producer_transport(self) -> Any:
+        return faust_transport.Transport(self.conf.broker_producer, self)
+
     async def on_first_start(self) -> None:
         # Faust creates only the last path component of its datadir.
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -84,6 +91,7 @@ def create_app(settings: Settings) -> StockstreamApp:
     app = StockstreamApp(
         worker.app_id,
         broker=clients.faust_brokers(kafka),
+        broker_credentials=clients.faust_credentials(kafka),
         store=worker.store,
         datadir=str(settings.data_dir / "faust"),
         processing_guarantee=worker.processing_guarantee,
@@ -114,7 +122,9 @@ def create_app(settings: Settings) -> StockstreamApp:
         return app.topic(*names, partitions=kafka.partitions)
 
     dlq = topic(kafka.dlq_topic)
-    dead_letters = DeadLetters(lambda key, value: dlq.send(key=key, value=value))
+    dead_letters = DeadLetters(
+        lambda key, value: dlq.send(key=key, value=value), kafka.dlq_max_record_bytes
+    )
     aggregation = Aggregation(
         app,
         settings,

@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from stockstream.contracts.dead_letters import Reason
+from stockstream.envconfig import redact_url
 from stockstream.logs import setup_logging
 from stockstream.settings import Secret, Settings, SettingsError, load_settings
 
@@ -66,11 +67,14 @@ def _source(settings: Settings, args: argparse.Namespace) -> tuple[Any, list[Any
 
 
 async def _produce(settings: Settings, args: argparse.Namespace) -> int:
+    from stockstream.kafka.clients import KafkaAccessError
     from stockstream.kafka.topics import ensure_topics
     from stockstream.producer.quote_producer import QuoteProducer
 
     try:
         await ensure_topics(settings)
+    except KafkaAccessError:
+        raise  # refused credentials or TLS: spooling would wait forever
     except Exception as exc:
         # The producer spools while the broker is away; topics are checked again by the worker.
         log.warning("could not check topics, producing anyway", extra={"error": repr(exc)})
@@ -127,8 +131,10 @@ def _config(settings: Settings) -> int:
         if dataclasses.is_dataclass(value):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, tuple):
-            return list(value)
-        return str(value) if not isinstance(value, int | float | str | bool) else value
+            return [plain(v) for v in value]
+        if isinstance(value, str):
+            return redact_url(value)
+        return str(value) if not isinstance(value, int | float | bool) else value
 
     print(json.dumps(plain(settings), indent=2))
     return 0
@@ -159,7 +165,7 @@ async def _tail(settings: Settings, which: str, from_beginning: bool) -> int:
         auto_offset_reset="earliest" if from_beginning else "latest",
         isolation_level="read_committed",
     )
-    await consumer.start()
+    await clients.start(consumer, settings.kafka)
     try:
         async for record in consumer:
             value = record.value.decode("utf-8", "replace") if record.value else None
@@ -226,6 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log.level, settings.log.format)
     if args.command == "config":
         return _config(settings)
+    from stockstream.kafka.clients import KafkaAccessError
+
+    try:
+        return _run(settings, args)
+    except SettingsError as exc:  # e.g. a TLS file that cannot be loaded
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KafkaAccessError as exc:  # never retried: the same login would fail again
+        print(f"stockstream {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "topics":
         return asyncio.run(_topics(settings))
     if args.command == "dlq":

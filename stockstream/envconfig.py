@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import yaml
 from dotenv import dotenv_values
@@ -185,3 +186,22 @@ def documented_variables(root: type[Any]) -> list[tuple[str, str]]:
 
     walk(root)
     return rows
+
+
+def redact_url(text: str) -> str:
+    """`text` with a URL's password and query values masked (settings such as
+    FINNHUB_WS_URL or an endpoint may carry a token); anything else unchanged."""
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+        elif parts.username is not None and "@" in netloc:
+            # A lone userinfo is often a token (`https://TOKEN@host`).
+            netloc = "***@" + netloc.split("@", 1)[1]
+        query = "&".join(f"{k}=***" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "***"

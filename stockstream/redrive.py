@@ -22,6 +22,16 @@ Idempotence, so a re-run or a crash mid-run never re-drives twice:
   such as the archive, never see an aborted copy).
 - Re-archived records are first checked against the archive (archive/rearchive.py), and the
   objects are written before the commit.
+- The DLQ itself is at-least-once (a dead letter may be there twice after a crash), so the
+  re-drive deduplicates on the original's (topic, partition, offset): re-produced ones are
+  recorded in the compacted topic `<app id>-dlq-redriven`, in the same transaction, and never
+  re-produced again, in this run or a later one; the archive path checks the archive itself.
+
+Refused, and logged with their coordinates (they stay in the DLQ): dead letters that claim a
+topic other than the project's own (`stock-quotes`, `stock-quotes-aggregated`), so that
+whoever can write to the DLQ cannot write anywhere through the re-drive (the window-state
+changelog, say), and dead letters whose original was cut to fit (`value_truncated`; the
+complete original is at its coordinates in its topic).
 """
 
 from __future__ import annotations
@@ -38,19 +48,25 @@ from stockstream.archive.rearchive import rearchive
 from stockstream.contracts.dead_letters import (
     NotADeadLetter,
     Reason,
+    is_truncated,
     original_bytes,
     parse_dead_letter,
 )
 from stockstream.contracts.quotes import QuoteValidator
 from stockstream.errors import StockstreamError
 from stockstream.kafka import clients
-from stockstream.kafka.topics import partitions_of
+from stockstream.kafka.readback import read_after
+from stockstream.kafka.topics import ensure_topics, partitions_of, redriven_topic_name
 from stockstream.retry import Backoff, GaveUp, retry
 from stockstream.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REASONS = (Reason.ARCHIVE_FAILED.value,)
+# Written back into the archive rather than produced again (archive/rearchive.py says why).
+_ARCHIVE_REASONS = frozenset((Reason.ARCHIVE_FAILED.value, Reason.ARCHIVE_REJECTED.value))
+Coordinates = tuple[str, int, int]
+Selected = tuple[dict[str, Any], Any, Any]
 
 
 class RedriveError(StockstreamError):
@@ -74,6 +90,7 @@ async def redrive_dead_letters(
     if unknown:
         raise RedriveError(f"unknown reason(s): {', '.join(sorted(unknown))}")
     prefix = group_prefix or f"{settings.worker.app_id}-dlq-replay"
+    await ensure_topics(settings)  # the index of re-driven dead letters, on an older install
     redrive = _Redrive(
         settings,
         store or from_settings(settings.archive),
@@ -94,6 +111,7 @@ class _Redrive:
         self.store = store
         self.validator = validator
         self.chunk = chunk
+        self._done: set[Coordinates] = set()
         conf = settings.archive
         self.backoff = Backoff(conf.backoff_initial_seconds, conf.backoff_max_seconds)
 
@@ -108,13 +126,15 @@ class _Redrive:
             isolation_level="read_committed",
         )
         producer: AIOKafkaProducer | None = None
-        await consumer.start()
+        await clients.start(consumer, kafka)
         try:
             partitions = await partitions_of(kafka, kafka.dlq_topic)
             if not partitions:
                 raise RedriveError(f"topic {kafka.dlq_topic!r} not found")
             tps = await _assign(consumer, kafka.dlq_topic, partitions)
             end = await consumer.end_offsets(tps)
+            done = await self._redriven(reason)
+            self._done = done
             remaining = {tp for tp in tps if await consumer.position(tp) < end[tp]}
             total = 0
             while remaining:
@@ -123,8 +143,8 @@ class _Redrive:
                 for r in records:
                     tp = TopicPartition(r.topic, r.partition)
                     offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
-                selected = _select(records, reason)
-                if reason == Reason.ARCHIVE_FAILED.value:
+                selected = self._admissible(_select(records, reason), reason)
+                if reason in _ARCHIVE_REASONS:
                     redriven = await self._rearchive(selected) if selected else 0
                     if offsets:
                         await consumer.commit(offsets)
@@ -133,11 +153,16 @@ class _Redrive:
                         producer = clients.producer(
                             kafka, transactional_id=group, enable_idempotence=True, acks="all"
                         )
-                        await producer.start()
+                        await clients.start(producer, kafka)
+                    index = redriven_topic_name(self.settings)
                     async with producer.transaction():
                         for body, key, value in selected:
                             await producer.send(body["topic"], key=key, value=value)
+                            # Key (compaction) and value alike: the read-back sees values.
+                            entry = _index_key(reason, body)
+                            await producer.send(index, key=entry, value=entry)
                         await producer.send_offsets_to_transaction(offsets, group)
+                    done.update(_coordinates(body) for body, _, _ in selected)
                     redriven = len(selected)
                 else:
                     redriven = 0
@@ -158,6 +183,54 @@ class _Redrive:
             if producer is not None:
                 await producer.stop()
             await consumer.stop()
+
+    def _admissible(self, selected: list[Selected], reason: str) -> list[Selected]:
+        """Those that may be re-driven: not done before (by coordinates, across runs), a
+        project topic, the whole original carried."""
+        kafka = self.settings.kafka
+        allowed = (
+            {kafka.quotes_topic}
+            if reason in _ARCHIVE_REASONS
+            else {kafka.quotes_topic, kafka.aggregated_topic}
+        )
+        kept: list[Selected] = []
+        seen: set[Coordinates] = set()
+        for body, key, value in selected:
+            coordinates = _coordinates(body)
+            if coordinates in self._done or coordinates in seen:
+                log.info("dead letter already re-driven, skipped", extra=_fields(body))
+                continue
+            seen.add(coordinates)
+            if body["topic"] not in allowed:
+                log.error(
+                    "dead letter names a topic the re-drive does not write to; left in the DLQ",
+                    extra=_fields(body),
+                )
+                continue
+            if is_truncated(body):
+                log.error(
+                    "dead letter carries a cut original; re-drive it from its topic by hand",
+                    extra=_fields(body),
+                )
+                continue
+            kept.append((body, key, value))
+        return kept
+
+    async def _redriven(self, reason: str) -> set[Coordinates]:
+        """The coordinates re-produced by earlier runs for `reason` (the index topic)."""
+        if reason in _ARCHIVE_REASONS:
+            return set()  # the archive itself tells what is there
+        records, _ = await read_after(
+            self.settings.kafka, redriven_topic_name(self.settings), 0, -1
+        )
+        done: set[Coordinates] = set()
+        prefix = f"{reason}|"
+        for _, value in records:
+            entry = (value or b"").decode("utf-8", "replace")
+            if entry.startswith(prefix):
+                topic, partition, offset = entry[len(prefix) :].rsplit("|", 2)
+                done.add((topic, int(partition), int(offset)))
+        return done
 
     async def _rearchive(self, selected: list[tuple[dict[str, Any], Any, Any]]) -> int:
         bodies = [body for body, _, _ in selected]
@@ -234,3 +307,21 @@ def _select(records: list[Any], reason: str) -> list[tuple[dict[str, Any], Any, 
             continue
         selected.append((body, key, value))
     return selected
+
+
+def _coordinates(body: dict[str, Any]) -> Coordinates:
+    return str(body["topic"]), int(body["partition"]), int(body["offset"])
+
+
+def _index_key(reason: str, body: dict[str, Any]) -> bytes:
+    topic, partition, offset = _coordinates(body)
+    return f"{reason}|{topic}|{partition}|{offset}".encode()
+
+
+def _fields(body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "topic": str(body["topic"])[:200],
+        "partition": body["partition"],
+        "offset": body["offset"],
+        "reason": body["reason"],
+    }

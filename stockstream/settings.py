@@ -44,8 +44,38 @@ class KafkaSettings:
     quotes_topic: str = var("KAFKA_QUOTES_TOPIC", "stock-quotes")
     aggregated_topic: str = var("KAFKA_AGGREGATED_TOPIC", "stock-quotes-aggregated")
     dlq_topic: str = var("KAFKA_DLQ_TOPIC", "stock-quotes-dlq")
+    # A dead letter larger than this carries a cut original (the broker's message.max.bytes
+    # and the producer's max_request_size are 1 MiB by default); keep it below both.
+    dlq_max_record_bytes: int = var(
+        "DLQ_MAX_RECORD_BYTES", 900_000, lambda v: v >= 16_384, "must be >= 16384"
+    )
     partitions: int = var("KAFKA_PARTITIONS", 3, _positive, "must be > 0")
     replication_factor: int = var("KAFKA_REPLICATION_FACTOR", 1, _positive, "must be > 0")
+    # Connection security, used by every client (kafka/clients.py); checked in load_settings.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = var(
+        "KAFKA_SECURITY_PROTOCOL", "PLAINTEXT"
+    )
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = var(
+        "KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"
+    )
+    sasl_username: str = var("KAFKA_SASL_USERNAME", "")
+    sasl_password: Secret = var("KAFKA_SASL_PASSWORD", Secret(""))
+    # Empty = the system's trusted CAs.
+    ssl_cafile: Path | None = var("KAFKA_SSL_CAFILE", None)
+    # A client certificate (PEM), for listeners that require one; the key may be in the same file.
+    ssl_certfile: Path | None = var("KAFKA_SSL_CERTFILE", None)
+    ssl_keyfile: Path | None = var("KAFKA_SSL_KEYFILE", None)
+    ssl_key_password: Secret = var("KAFKA_SSL_KEY_PASSWORD", Secret(""))
+    # false: the certificate chain is still verified, the broker's host name is not.
+    ssl_check_hostname: bool = var("KAFKA_SSL_CHECK_HOSTNAME", True)
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
 
 
 @dataclass(frozen=True)
@@ -54,6 +84,9 @@ class AggregationSettings:
     grace_seconds: float = var("AGG_GRACE_SECONDS", 5.0, _non_negative, "must be >= 0")
     idle_timeout_seconds: float = var("AGG_IDLE_TIMEOUT_SECONDS", 30.0, _positive, "must be > 0")
     idle_check_seconds: float = var("AGG_IDLE_CHECK_SECONDS", 1.0, _positive, "must be > 0")
+    # How many symbols of a partition must have reached an event time before its windows
+    # close there: one symbol with a wrong clock cannot close the others' windows.
+    watermark_quorum: int = var("AGG_WATERMARK_QUORUM", 2, _positive, "must be > 0")
     batch_max_events: int = var("AGG_BATCH_MAX_EVENTS", 1000, _positive, "must be > 0")
     batch_max_seconds: float = var("AGG_BATCH_MAX_SECONDS", 0.05, _positive, "must be > 0")
 
@@ -248,6 +281,7 @@ def load_settings(
                 f"{prefix}_BACKOFF_INITIAL_SECONDS: must not exceed"
                 f" {prefix}_BACKOFF_MAX_SECONDS ({maximum:g}), got {initial:g}"
             )
+    _check_kafka_security(settings.kafka)
     worker = settings.worker
     if worker.processing_guarantee == "exactly_once" and not worker.unsafe_faust_exactly_once:
         raise SettingsError(
@@ -256,6 +290,55 @@ def load_settings(
             " (see README, Guarantees); at_least_once already emits each window once"
         )
     return settings
+
+
+def _check_kafka_security(kafka: KafkaSettings) -> None:
+    """Settings that cannot work together, or that would be silently ignored."""
+    protocol = kafka.security_protocol
+    given = f"KAFKA_SECURITY_PROTOCOL={protocol}"
+    if kafka.uses_sasl:
+        if not kafka.sasl_username:
+            raise SettingsError(f"KAFKA_SASL_USERNAME: required with {given}")
+        if not kafka.sasl_password:
+            raise SettingsError(
+                f"KAFKA_SASL_PASSWORD (or KAFKA_SASL_PASSWORD_FILE): required with {given}"
+            )
+    elif kafka.sasl_username or kafka.sasl_password:
+        name = "KAFKA_SASL_USERNAME" if kafka.sasl_username else "KAFKA_SASL_PASSWORD"
+        raise SettingsError(
+            f"{name}: set, but {given} does not authenticate with SASL"
+            " (use SASL_PLAINTEXT or SASL_SSL)"
+        )
+    files = {
+        "KAFKA_SSL_CAFILE": kafka.ssl_cafile,
+        "KAFKA_SSL_CERTFILE": kafka.ssl_certfile,
+        "KAFKA_SSL_KEYFILE": kafka.ssl_keyfile,
+    }
+    if not kafka.uses_tls:
+        for name, path in files.items():
+            if path is not None:
+                raise SettingsError(
+                    f"{name}: set, but {given} does not use TLS (use SSL or SASL_SSL)"
+                )
+        if kafka.ssl_key_password:
+            raise SettingsError(
+                f"KAFKA_SSL_KEY_PASSWORD: set, but {given} does not use TLS (use SSL or SASL_SSL)"
+            )
+        return
+    for name, path in files.items():
+        if path is None:
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            raise SettingsError(f"{name}: cannot read {str(path)!r}: {exc.strerror}") from None
+    if kafka.ssl_keyfile is not None and kafka.ssl_certfile is None:
+        raise SettingsError("KAFKA_SSL_KEYFILE: set without KAFKA_SSL_CERTFILE (its certificate)")
+    if kafka.ssl_key_password and kafka.ssl_certfile is None:
+        raise SettingsError(
+            "KAFKA_SSL_KEY_PASSWORD: set without KAFKA_SSL_CERTFILE (the key it unlocks)"
+        )
 
 
 def documented_variables() -> list[tuple[str, str]]:

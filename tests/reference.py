@@ -23,8 +23,11 @@ class Record:
 
 
 def expected_windows(
-    records: Iterable[Record], window_ms: int = 60_000, grace_ms: int = 5_000
+    records: Iterable[Record], window_ms: int = 60_000, grace_ms: int = 5_000, quorum: int = 2
 ) -> tuple[dict[tuple[str, int], dict[str, Any]], list[Record]]:
+    """The windows and the late records. A partition's watermark is the highest event time
+    that `quorum` of its symbols have reached (all of them while it has fewer), never
+    decreasing; late records move nothing."""
     by_partition: dict[int, list[Record]] = defaultdict(list)
     for r in records:
         by_partition[r.partition].append(r)
@@ -32,12 +35,15 @@ def expected_windows(
     late: list[Record] = []
     for recs in by_partition.values():
         watermark = -1
+        reached: dict[str, int] = {}
         for r in sorted(recs, key=lambda r: r.offset):
             start = r.ts // window_ms * window_ms
             if start + window_ms + grace_ms <= watermark:
                 late.append(r)
                 continue
-            watermark = max(watermark, r.ts)
+            reached[r.symbol] = max(reached.get(r.symbol, -1), r.ts)
+            ranked = sorted(reached.values(), reverse=True)
+            watermark = max(watermark, ranked[min(quorum, len(ranked)) - 1])
             groups[(r.symbol, start)].append(r)
     out: dict[tuple[str, int], dict[str, Any]] = {}
     for (symbol, start), recs in groups.items():

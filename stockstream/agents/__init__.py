@@ -1,2 +1,2 @@
-"""Faust agents: `aggregate.py`, the aggregation of `stock-quotes` into one-minute windows
-(with its idle clock). They are registered on the app by application.py."""
+"""Faust agents: `aggregate/`, the aggregation of `stock-quotes` into one-minute windows (the
+agent, its exactly-once emitter and its idle clock). Registered on the app by application.py."""

@@ -20,7 +20,8 @@ What every such service shares, and gets here:
 - `commit(offsets)`: a failed commit is logged and counted, never fatal (the records are read
   again and the sinks write idempotently);
 - `ConsumerServiceRunner`: runs the service for the worker's lifetime and restarts it after an
-  unexpected error.
+  unexpected error, except a `KafkaAccessError` (refused credentials or TLS), which stops the
+  worker.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class ConsumerService(ABC):
         """Consume until cancelled (or until `consume` raises)."""
         consumer = self._consumer = self.new_consumer()
         consumer.subscribe([self.topic], listener=_Listener(self))
-        await consumer.start()
+        await clients.start(consumer, self.settings.kafka)
         log.info(
             f"{self.name} started",
             extra={"topic": self.topic, "group": self.group_id, **self.describe()},
@@ -208,6 +209,15 @@ class ConsumerServiceRunner(Service):
                 await self.service.run()
             except asyncio.CancelledError:
                 raise
+            except clients.KafkaAccessError as exc:
+                # Refused credentials or TLS: a restart would be refused too. Crash the
+                # service, which stops the worker with this message.
+                log.critical(
+                    f"{self.service.name} cannot access Kafka: {exc}",
+                    extra={"topic": self.service.topic},
+                )
+                await self.crash(exc)
+                return
             except Exception:
                 log.exception(
                     f"{self.service.name} crashed, restarting in {RESTART_DELAY_SECONDS:g} s",

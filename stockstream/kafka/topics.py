@@ -40,6 +40,11 @@ def clock_topic_name(settings: Settings) -> str:
     return f"{settings.worker.app_id}-aggregation-clock"
 
 
+def redriven_topic_name(settings: Settings) -> str:
+    """Compacted index of the dead letters `stockstream dlq redrive` has re-produced."""
+    return f"{settings.worker.app_id}-dlq-redriven"
+
+
 def topic_specs(settings: Settings) -> list[TopicSpec]:
     k = settings.kafka
     return [
@@ -48,6 +53,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(k.dlq_topic, k.partitions, {}, copartitioned=False),
         # Ticks are only meaningful for a few seconds; a day keeps them for debugging.
         TopicSpec(clock_topic_name(settings), k.partitions, {"retention.ms": "86400000"}, True),
+        # One key per re-driven dead letter, kept forever (compacted): small, read whole.
+        TopicSpec(redriven_topic_name(settings), 1, {"cleanup.policy": "compact"}, False),
     ]
 
 
@@ -66,7 +73,7 @@ async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str]) -> dic
 async def ensure_topics(settings: Settings) -> None:
     specs = topic_specs(settings)
     admin = clients.admin(settings.kafka)
-    await admin.start()
+    await clients.start(admin, settings.kafka)  # a refused login raises KafkaAccessError
     try:
         existing = set(await admin.list_topics())
         missing = [s for s in specs if s.name not in existing]
@@ -102,7 +109,7 @@ async def ensure_topics(settings: Settings) -> None:
 async def partitions_of(kafka: KafkaSettings, topic: str) -> list[int]:
     """The partition numbers of `topic` (empty when it does not exist)."""
     admin = clients.admin(kafka)
-    await admin.start()
+    await clients.start(admin, kafka)
     try:
         described = await admin.describe_topics([topic])
     finally:

@@ -50,6 +50,7 @@ from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
 from stockstream.contracts.quotes import Quote
 from stockstream.errors import StockstreamError
+from stockstream.kafka.clients import KafkaAccessError
 from stockstream.producer.instruments import ProducerInstruments
 from stockstream.producer.reconcile import find_delivered
 from stockstream.producer.session import (
@@ -139,6 +140,9 @@ class QuoteProducer:
         self._started = False
         self._closed = False
         self._outage_logged = False
+        # Kafka refused our credentials or TLS: not an outage, so the spool is not drained
+        # again and the next send or flush raises it (records already spooled stay there).
+        self._refused: KafkaAccessError | None = None
         self._queued_since_yield = 0
         self._latencies: list[float] = []  # delivery latencies not yet in the histogram
         # Bound once: every record's delivery callback calls it.
@@ -197,6 +201,8 @@ class QuoteProducer:
                 session = await self._open_session(
                     keep_consumer=False, budget=self._request_timeout
                 )
+            except KafkaAccessError as exc:
+                self._refuse(exc)
             except Exception as exc:
                 self._log_outage("broker unavailable at start; spooling until it is back", exc)
             else:
@@ -225,6 +231,8 @@ class QuoteProducer:
     ) -> None:
         if self._closed or not self._started:
             raise RuntimeError("QuoteProducer is not running (use `async with`)")
+        if self._refused is not None:
+            raise self._refused
         session = self._session
         if self._mode is _Mode.DIRECT and session is not None:
             outcome = await self._hand_over(session, key, value, timestamp_ms, None)
@@ -250,7 +258,9 @@ class QuoteProducer:
     async def flush(self) -> None:
         """Wait until every record sent so far is acknowledged by the broker or durably in
         the spool (a delivery that times out meanwhile moves its records to the spool).
-        Raises `DeliveryError` if records were lost."""
+        Raises `DeliveryError` if records were lost, `KafkaAccessError` if Kafka refused us."""
+        if self._refused is not None:
+            raise self._refused
         if self._mode is _Mode.DIRECT and self._session is not None:
             await self._wait_in_flight(self._session)
         if self._spool is not None:
@@ -500,9 +510,19 @@ class QuoteProducer:
                 await self._drain_once()
             except asyncio.CancelledError:
                 raise
+            except KafkaAccessError as exc:
+                self._refuse(exc)
+                return
             except Exception as exc:
                 self._log_outage("spool not drained: broker unavailable, will retry", exc)
                 await asyncio.sleep(self._retry_seconds)
+
+    def _refuse(self, exc: KafkaAccessError) -> None:
+        self._refused = exc
+        log.error(
+            "Kafka refused the producer; not retrying",
+            extra={"topic": self._topic, "error": str(exc), "spool_pending": self.spool_pending},
+        )
 
     def _log_outage(self, message: str, exc: BaseException) -> None:
         extra = {

@@ -135,7 +135,7 @@ async def open_session(
     consumer: AIOKafkaConsumer | None = None
     try:
         async with asyncio.timeout(budget):
-            await producer.start()
+            await clients.start(producer, kafka)
             partitions = sorted(await producer.partitions_for(topic))
             consumer = clients.consumer(
                 kafka,
@@ -144,7 +144,7 @@ async def open_session(
                 auto_offset_reset="earliest",
                 client_id=f"stockstream-{topic}-reconcile",
             )
-            await consumer.start()
+            await clients.start(consumer, kafka)
             ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
     except BaseException as exc:
         if consumer is not None:
@@ -191,8 +191,11 @@ async def dispose(producer: AIOKafkaProducer, exc: BaseException, wait_seconds: 
     and any send() waiting for room in a full batch -- return. In that order: failing batches
     while the sender still runs trips aiokafka's own bookkeeping of retried batches."""
     client: Any = producer.client
+    # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives as the
+    # close completes, and the cancelled caller (the spool drain, at close()) runs on.
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(client.close(), wait_seconds)
+        async with asyncio.timeout(wait_seconds):
+            await client.close()
     # A produce request being retried waits for a metadata refresh that the closed client
     # will never do; release it so the cancelled sender task can finish.
     refresh = getattr(client, "_md_update_fut", None)

@@ -14,6 +14,7 @@ rollback after a newer release wrote state) is refused with `StateFormatError`, 
 from __future__ import annotations
 
 import dataclasses
+import math
 from operator import attrgetter
 from typing import Any, TypeVar
 
@@ -61,6 +62,54 @@ _WINDOW_FIELDS, _window_values = _fields(WindowAggregate)
 _CLOCK_FIELDS, _clock_values = _fields(PartitionClock)
 
 
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return (_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _optional_finite(value: Any) -> bool:
+    return value is None or _finite(value)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _marks(value: Any) -> bool:
+    return isinstance(value, dict) and all(_text(k) and _int(v) for k, v in value.items())
+
+
+# What each stored field may hold: a value JSON could not carry faithfully (a non-finite
+# number becomes null) or of the wrong type is refused when read, not met later as a TypeError.
+_KINDS: dict[type[Any], dict[str, Any]] = {
+    WindowAggregate: {
+        **dict.fromkeys(_WINDOW_FIELDS, _finite),
+        "symbol": _text,
+        "volume": _optional_finite,
+        **dict.fromkeys(
+            ("start_ms", "size_ms", "count", "open_ts", "close_ts", "first_event_ms"), _int
+        ),
+        **dict.fromkeys(("last_event_ms", "last_offset"), _int),
+    },
+    PartitionClock: {
+        **dict.fromkeys(_CLOCK_FIELDS, _int),
+        "symbol_watermarks": _marks,
+        "symbol_closed_until": _marks,
+    },
+}
+_REQUIRED: dict[type[Any], set[str]] = {
+    kind: {
+        f.name
+        for f in dataclasses.fields(kind)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    for kind in (WindowAggregate, PartitionClock)
+}
+
+
 def _decode(kind: type[T], v0: tuple[str, ...], value: Any) -> T:
     if isinstance(value, list):
         if len(value) != len(v0):
@@ -78,13 +127,19 @@ def _decode(kind: type[T], v0: tuple[str, ...], value: Any) -> T:
         fields = {k: v for k, v in value.items() if k != "v"}
     else:
         raise StateFormatError(f"{kind.__name__}: unexpected state {type(value).__name__}")
-    expected = set(_WINDOW_FIELDS if kind is WindowAggregate else _CLOCK_FIELDS)
-    if fields.keys() != expected:
-        missing, unknown = expected - set(fields), set(fields) - expected
+    # A field added later with a default may be absent (written before it existed); any other
+    # difference is damage or another release's format.
+    required = _REQUIRED[kind]
+    missing = required - fields.keys()
+    unknown = fields.keys() - _KINDS[kind].keys()
+    if missing or unknown:
         raise StateFormatError(
             f"{kind.__name__}: fields do not match (missing {sorted(missing)},"
             f" unknown {sorted(unknown)})"
         )
+    for name, value in fields.items():
+        if not _KINDS[kind][name](value):
+            raise StateFormatError(f"{kind.__name__}: {name} has an invalid value {value!r:.80}")
     return kind(**fields)
 
 
@@ -100,6 +155,10 @@ def decode_window(value: Any) -> WindowAggregate:
 
 def encode_clock(clock: PartitionClock) -> dict[str, Any]:
     record = dict(zip(_CLOCK_FIELDS, _clock_values(clock), strict=True))
+    # Copies: Faust serialises a table value when it sends the changelog record, later than
+    # this call; the live dicts must not leak later progress into an earlier checkpoint.
+    record["symbol_watermarks"] = dict(clock.symbol_watermarks)
+    record["symbol_closed_until"] = dict(clock.symbol_closed_until)
     record["v"] = VERSION
     return record
 

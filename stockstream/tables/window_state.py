@@ -20,7 +20,9 @@ from typing import Any
 
 import faust
 
+from stockstream.metrics import STATE_UNREADABLE
 from stockstream.tables.state_codec import (
+    StateFormatError,
     decode_clock,
     decode_window,
     encode_clock,
@@ -57,10 +59,13 @@ def clock_key(partition: int) -> str:
 
 
 class WindowState:
-    def __init__(self, table: MutableMapping[str, Any], size_ms: int, grace_ms: int) -> None:
+    def __init__(
+        self, table: MutableMapping[str, Any], size_ms: int, grace_ms: int, quorum: int = 1
+    ) -> None:
         self._table = table
         self._size_ms = size_ms
         self._grace_ms = grace_ms
+        self._quorum = quorum
         self._partitions: dict[int, PartitionWindows] = {}
         # Windows changed since they were last written, per partition (write-behind per batch).
         self._dirty: dict[int, dict[tuple[str, int], WindowAggregate]] = {}
@@ -73,31 +78,54 @@ class WindowState:
     def get(self, partition: int) -> PartitionWindows | None:
         return self._partitions.get(partition)
 
-    def load(self, partition: int) -> PartitionWindows:
-        """Rebuild the mirror of one partition from the (recovered) table."""
-        windows = PartitionWindows(self._size_ms, self._grace_ms)
-        clock = self._table.get(clock_key(partition))
+    def restore(self, partition: int) -> PartitionWindows:
+        """Rebuild the mirror of one partition from the (recovered) table, without using it
+        yet (`register` does, once the caller has everything else the partition needs)."""
+        windows = PartitionWindows(self._size_ms, self._grace_ms, quorum=self._quorum)
+        key = clock_key(partition)
+        clock = self._table.get(key)
         if clock is not None:
-            windows.clock = decode_clock(clock)
+            try:
+                windows.set_clock(decode_clock(clock))
+            except StateFormatError as exc:
+                # A fresh clock re-reads more of the output partition and re-applies records
+                # the windows' own offsets then skip: slower, never wrong.
+                self._unreadable(partition, key, exc)
         prefix = f"w|{partition}|"
         stale = 0
         for key, value in self._table.items():
-            if value is not None and key.startswith(prefix):
+            if value is None or not key.startswith(prefix):
+                continue
+            try:
                 window = decode_window(value)
-                # Every checkpoint closes all windows its watermark has passed, so a restored
-                # window the restored clock already covers was closed before: never re-emit it.
-                if windows.covers(window):
-                    stale += 1
-                    continue
-                windows.restore(window)
+            except StateFormatError as exc:
+                self._unreadable(partition, key, exc)
+                continue
+            # Every checkpoint closes all windows its watermark has passed, so a restored
+            # window the restored clock already covers was closed before: never re-emit it.
+            if windows.covers(window):
+                stale += 1
+                continue
+            windows.restore(window)
         if stale:
             log.warning(
                 "ignored restored windows the clock shows as closed",
                 extra={"partition": partition, "windows": stale},
             )
+        return windows
+
+    @staticmethod
+    def _unreadable(partition: int, key: str, exc: StateFormatError) -> None:
+        STATE_UNREADABLE.inc()
+        log.error(
+            "window table value unreadable, skipped",
+            extra={"partition": partition, "key": key, "error": str(exc)},
+        )
+
+    def register(self, partition: int, windows: PartitionWindows) -> None:
+        """Use `windows` for `partition` from now on."""
         self._partitions[partition] = windows
         self.last_activity[partition] = time.monotonic()
-        return windows
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Drop mirrors of partitions this worker no longer owns (reloaded if they return)."""

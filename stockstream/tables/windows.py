@@ -3,11 +3,19 @@
 Pure logic, no Faust and no I/O, so every rule is unit-testable and the agent stays thin.
 
 Close rule (per partition, because a partition is the unit of ordering and of ownership):
-- the watermark is the highest `market_timestamp` seen on the partition;
+- each symbol has its own progress, the highest `market_timestamp` it has reached;
+- the partition's watermark is the highest event time that at least `quorum` symbols of the
+  partition have reached (all of them while it has fewer): the quorum-th largest symbol
+  progress, never decreasing. So one symbol with a wrong clock -- a quote minutes or a month
+  ahead -- cannot close the other symbols' windows (with quorum 1 it would: that is the
+  classic "highest event time seen" watermark). Overnight gaps and replays move all symbols
+  together, so they behave as before;
 - window `[start, end)` closes once `watermark >= end + grace`;
-- `flush()` closes every open window when the partition went idle (wall clock, decided by the
-  caller), and remembers `closed_until` so that no window is ever emitted twice;
-- an event whose window is already closed is *late*: the caller dead-letters it.
+- `flush()` closes every open window when the partition went idle (decided by the caller), and
+  remembers per symbol up to where it closed, so that no window is ever emitted twice and a
+  symbol's windows still come out in start order;
+- an event whose window is already closed is *late*: the caller dead-letters it. A late event
+  moves no clock.
 
 Idempotence: each window remembers the highest source offset folded into it and the partition
 clock remembers the last offset whose effects were checkpointed, so re-reading records after a
@@ -16,6 +24,7 @@ crash (at-least-once delivery) never counts a quote twice.
 
 from __future__ import annotations
 
+import heapq
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,9 +122,15 @@ class PartitionClock:
     """Event-time progress of one source partition; checkpointed whenever windows close."""
 
     watermark_ms: int = -1
+    # Windows ending at or before this are closed for every symbol (state written by 0.1,
+    # whose idle flush closed per partition; no longer advanced).
     closed_until_ms: int = -1
     last_offset: int = -1
     emitted_offset: int = -1
+    # Per symbol: the highest event time reached, and the end of the newest window an idle
+    # flush closed.
+    symbol_watermarks: dict[str, int] = field(default_factory=dict)
+    symbol_closed_until: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +158,28 @@ class PartitionWindows:
     grace_ms: int
     clock: PartitionClock = field(default_factory=PartitionClock)
     open: dict[tuple[str, int], WindowAggregate] = field(default_factory=dict)
+    # How many symbols must have reached an event time before the watermark moves there.
+    quorum: int = 1
     # End of the oldest open window: lets `closable()` answer "nothing" without a scan.
     _earliest_end: int = sys.maxsize
+    # The `quorum` symbols with the highest progress (kept on every advance, so the
+    # watermark is one `min` over at most `quorum` values instead of a scan of all symbols).
+    _leaders: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.quorum < 1:
+            raise ValueError(f"quorum must be >= 1, got {self.quorum}")
         self._recompute_earliest()
+        self._recompute_leaders()
+
+    def _recompute_leaders(self) -> None:
+        marks = self.clock.symbol_watermarks
+        self._leaders = heapq.nlargest(self.quorum, marks, key=marks.__getitem__)
+
+    def set_clock(self, clock: PartitionClock) -> None:
+        """Install a clock recovered from the table."""
+        self.clock = clock
+        self._recompute_leaders()
 
     def _recompute_earliest(self) -> None:
         self._earliest_end = min((w.end_ms for w in self.open.values()), default=sys.maxsize)
@@ -170,9 +202,9 @@ class PartitionWindows:
         key = (quote.symbol, start)
         window = self.open.get(key)
         if window is not None and offset <= window.last_offset:
-            self._advance(quote.market_timestamp, offset)
+            self._advance(quote.symbol, quote.market_timestamp, offset)
             return AlreadyApplied()
-        if end <= self.clock.closed_until_ms:
+        if end <= self._closed_until(quote.symbol):
             return self._late(start, f"window {iso_utc(start)} already flushed (idle)", offset)
         if end + self.grace_ms <= self.clock.watermark_ms:
             return self._late(
@@ -187,7 +219,7 @@ class PartitionWindows:
             self._earliest_end = min(self._earliest_end, end)
         else:
             window.add(quote, offset)
-        self._advance(quote.market_timestamp, offset)
+        self._advance(quote.symbol, quote.market_timestamp, offset)
         return Applied(window)
 
     def _late(self, start: int, reason: str, offset: int) -> Late:
@@ -195,14 +227,37 @@ class PartitionWindows:
         self.clock.last_offset = max(self.clock.last_offset, offset)
         return Late(start, reason)
 
-    def _advance(self, ts: int, offset: int) -> None:
-        self.clock.watermark_ms = max(self.clock.watermark_ms, ts)
-        self.clock.last_offset = max(self.clock.last_offset, offset)
+    def _advance(self, symbol: str, ts: int, offset: int) -> None:
+        clock = self.clock
+        if offset > clock.last_offset:
+            clock.last_offset = offset
+        marks = clock.symbol_watermarks
+        if ts <= marks.get(symbol, -1):
+            return
+        marks[symbol] = ts
+        leaders = self._leaders
+        if symbol not in leaders:
+            if len(leaders) < self.quorum:
+                leaders.append(symbol)
+            else:
+                lowest = min(leaders, key=marks.__getitem__)
+                if marks[lowest] >= ts:
+                    return
+                leaders[leaders.index(lowest)] = symbol
+        # The quorum-th highest progress (the lowest leader's), or every symbol's while the
+        # partition has fewer symbols than the quorum.
+        reached = min(marks[s] for s in leaders)
+        if reached > clock.watermark_ms:
+            clock.watermark_ms = reached
+
+    def _closed_until(self, symbol: str) -> int:
+        clock = self.clock
+        return max(clock.closed_until_ms, clock.symbol_closed_until.get(symbol, -1))
 
     def covers(self, window: WindowAggregate) -> bool:
         """True when this partition's clock has already closed `window`."""
         return (
-            window.end_ms <= self.clock.closed_until_ms
+            window.end_ms <= self._closed_until(window.symbol)
             or window.end_ms + self.grace_ms <= self.clock.watermark_ms
         )
 
@@ -216,10 +271,12 @@ class PartitionWindows:
         return due
 
     def flush(self) -> list[WindowAggregate]:
-        """Every open window, for an idle partition; later records for them become late."""
+        """Every open window, for an idle partition; later records for them become late, per
+        symbol: a flushed window of one symbol closes nothing of another."""
         due = sorted(self.open.values(), key=lambda w: (w.start_ms, w.symbol))
-        if due:
-            self.clock.closed_until_ms = max(self.clock.closed_until_ms, max(w.end_ms for w in due))
+        closed = self.clock.symbol_closed_until
+        for window in due:
+            closed[window.symbol] = max(closed.get(window.symbol, -1), window.end_ms)
         return due
 
     def remove(self, windows: list[WindowAggregate]) -> None:

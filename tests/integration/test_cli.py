@@ -34,6 +34,9 @@ def cli_env(bootstrap: str, tmp_path: Path) -> dict[str, str]:
         "STOCKSTREAM_DATA_DIR": str(tmp_path / "data"),
         "ARCHIVE_LOCAL_DIR": str(tmp_path / "archive"),
         "FINNHUB_API_KEY": "cli-secret-key",
+        # URLs may carry a token or a password too (a mistake, but a common one).
+        "FINNHUB_WS_URL": "wss://ws.finnhub.io?token=url-secret-token",
+        "BQ_API_ENDPOINT": "https://loader:url-secret-password@bq.example:443",
         "LOG_FORMAT": "json",
     }
 
@@ -57,6 +60,9 @@ def test_config_masks_secrets_and_a_bad_value_names_the_variable(tmp_path: Path)
     assert config["finnhub"]["api_key"] == "***"
     assert config["kafka"]["quotes_topic"] == env["KAFKA_QUOTES_TOPIC"]
     assert "cli-secret-key" not in shown.stdout + shown.stderr
+    assert "url-secret" not in shown.stdout + shown.stderr
+    assert config["finnhub"]["ws_url"] == "wss://ws.finnhub.io?token=***"
+    assert config["warehouse"]["bq_api_endpoint"] == "https://loader:***@bq.example:443"
     refused = stockstream({**env, "KAFKA_PARTITIONS": "many"}, "config")
     assert refused.returncode == 2
     assert "configuration error: KAFKA_PARTITIONS: expected an integer" in refused.stderr

@@ -116,3 +116,17 @@ def test_every_package_says_its_job() -> None:
     for init in PACKAGE.rglob("__init__.py"):
         docstring = ast.get_docstring(ast.parse(init.read_text()))
         assert docstring and len(docstring) > 40, f"{init.relative_to(ROOT)} says nothing"
+
+
+def test_the_workers_producer_is_idempotent(tmp_path: Path) -> None:
+    """faust-streaming turns idempotence on only inside transactions; the worker's transport
+    asks for it always (a lost ack must not make the client write a batch twice)."""
+    from stockstream.application import create_app
+    from stockstream.kafka.faust_transport import IdempotentProducer
+    from stockstream.settings import load_settings
+
+    settings = load_settings(environ={"STOCKSTREAM_DATA_DIR": str(tmp_path)}, dotenv_path=None)
+    producer = create_app(settings).producer
+    assert isinstance(producer, IdempotentProducer)
+    extra = producer._settings_extra()
+    assert extra["enable_idempotence"] is True and extra["acks"] == "all"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from stockstream.envconfig import redact_url
 from stockstream.logs import JsonFormatter
 from stockstream.settings import SettingsError, documented_variables, load_settings
 
@@ -127,3 +128,17 @@ def test_json_log_line_carries_context() -> None:
         "stock-quotes",
     )
     assert line["time"].endswith("+00:00")
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("wss://ws.finnhub.io?token=abc", "wss://ws.finnhub.io?token=***"),
+        ("https://user:pw@minio:9000/x?sig=1&a=", "https://user:***@minio:9000/x?sig=***&a=***"),
+        ("https://TOKEN@host/p", "https://***@host/p"),
+        ("127.0.0.1:9092,127.0.0.1:9093", "127.0.0.1:9092,127.0.0.1:9093"),
+        ("http://[::1:9000", "***"),
+    ],
+)
+def test_urls_in_settings_are_shown_without_tokens(text: str, shown: str) -> None:
+    assert redact_url(text) == shown

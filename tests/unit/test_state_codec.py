@@ -74,13 +74,22 @@ def test_records_are_written_with_a_version_and_named_fields() -> None:
     record = encode_window(decode_window(V0_WINDOW))
     assert record["v"] == VERSION
     assert record["symbol"] == "AAPL" and record["last_offset"] == 41
-    assert encode_clock(PartitionClock(1, 2, 3, 4)) == {
+    assert encode_clock(PartitionClock(1, 2, 3, 4, {"AAPL": 1}, {"AAPL": 0})) == {
         "v": VERSION,
         "watermark_ms": 1,
         "closed_until_ms": 2,
         "last_offset": 3,
         "emitted_offset": 4,
+        "symbol_watermarks": {"AAPL": 1},
+        "symbol_closed_until": {"AAPL": 0},
     }
+
+
+def test_a_field_added_with_a_default_may_be_absent() -> None:
+    # Clocks written before per-symbol progress existed (0.1 lists, early v1 records).
+    clock = decode_clock({"v": VERSION, "watermark_ms": 5})
+    assert clock == PartitionClock(watermark_ms=5)
+    assert decode_clock(V0_CLOCK).symbol_watermarks == {}
 
 
 def test_field_order_does_not_matter() -> None:
@@ -97,7 +106,9 @@ def test_field_order_does_not_matter() -> None:
         ({k: v for k, v in encode_clock(PartitionClock()).items() if k != "v"}, "version None"),
         ([1, 2, 3], "version-0 record has 4 fields"),
         ({**encode_clock(PartitionClock()), "extra": 1}, "unknown ['extra']"),
-        ({"v": VERSION, "watermark_ms": 1}, "missing"),
+        ({"v": VERSION, "watermark_ms": "1"}, "watermark_ms has an invalid value '1'"),
+        ({"v": VERSION, "symbol_watermarks": {"A": None}}, "symbol_watermarks has an invalid"),
+        ({"v": VERSION, "last_offset": True}, "last_offset has an invalid value True"),
         ("c|0", "unexpected state str"),
         (None, "unexpected state NoneType"),
     ],
@@ -105,6 +116,24 @@ def test_field_order_does_not_matter() -> None:
 def test_unreadable_clock_records_are_refused_not_guessed(value: Any, message: str) -> None:
     with pytest.raises(StateFormatError, match=message.replace("[", r"\[").replace("]", r"\]")):
         decode_clock(value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # What an infinite sum becomes in JSON: refused when read, not a TypeError later.
+        ({"sum": None}, "sum has an invalid value None"),
+        ({"price_volume": "inf"}, "price_volume has an invalid value 'inf'"),
+        ({"symbol": ""}, "symbol has an invalid value ''"),
+        ({"count": 1.5}, "count has an invalid value 1.5"),
+    ],
+)
+def test_unreadable_window_values_are_refused(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(StateFormatError, match=message):
+        decode_window({**encode_window(decode_window(V0_WINDOW)), **changes})
+    required = {k: v for k, v in encode_window(decode_window(V0_WINDOW)).items() if k != "open"}
+    with pytest.raises(StateFormatError, match=r"missing \['open'\]"):
+        decode_window(required)
 
 
 def test_a_window_from_a_newer_release_is_refused() -> None:
@@ -134,7 +163,8 @@ windows = st.builds(
     last_event_ms=epoch_ms,
     last_offset=offsets,
 )
-clocks = st.builds(PartitionClock, offsets, offsets, offsets, offsets)
+marks = st.dictionaries(st.text(min_size=1, max_size=8), epoch_ms, max_size=5)
+clocks = st.builds(PartitionClock, offsets, offsets, offsets, offsets, marks, marks)
 
 
 @given(windows, clocks)

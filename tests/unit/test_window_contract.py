@@ -127,7 +127,7 @@ def test_warehouse_tables_are_derived_from_the_contract() -> None:
     ]
 
 
-def test_emitted_index_recovers_the_newest_start_per_symbol_and_skips_strangers() -> None:
+def test_emitted_index_recovers_windows_with_their_offsets_and_skips_strangers() -> None:
     index = EmittedIndex()
     values: list[tuple[int, bytes | None]] = [
         (10, orjson.dumps(record(window_start_ms=T0, window_start=iso_utc(T0)))),
@@ -147,10 +147,18 @@ def test_emitted_index_recovers_the_newest_start_per_symbol_and_skips_strangers(
     assert index.emitted(0, window("AAPL", T0 + 60_000))
     assert not index.emitted(0, window("AAPL", T0 + 120_000))
     assert index.emitted(0, window("MSFT", T0)) and not index.emitted(1, window("MSFT", T0))
-    index.mark(0, window("AAPL", T0 + 120_000))
+    index.mark(0, window("AAPL", T0 + 120_000), 16)
     assert index.emitted(0, window("AAPL", T0 + 120_000))
-    index.forget([0])
+    # A checkpoint of the first AAPL window: recorded up to it, not past MSFT's window (15),
+    # which is still open and will close again; the checkpointed one leaves the index.
+    still_open = {("MSFT", T0), ("AAPL", T0 + 60_000)}
+    assert index.checkpointed(0, [window("AAPL", T0)], still_open, 5, 5) == 10
     assert not index.emitted(0, window("AAPL", T0))
+    assert index.emitted(0, window("MSFT", T0))
+    assert index.checkpointed(0, [window("AAPL", T0 + 60_000)], {("MSFT", T0)}, 10, 10) == 11
+    assert index.checkpointed(0, [window("MSFT", T0)], set(), 11, 11) == 15
+    index.forget([0])
+    assert not index.emitted(0, window("AAPL", T0 + 120_000))
 
 
 @given(

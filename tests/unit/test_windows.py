@@ -31,8 +31,8 @@ def q(symbol: str, ts: int, price: float = 100.0, volume: float | None = 10.0) -
     )
 
 
-def engine() -> PartitionWindows:
-    return PartitionWindows(size_ms=MIN, grace_ms=5_000)
+def engine(quorum: int = 1) -> PartitionWindows:
+    return PartitionWindows(size_ms=MIN, grace_ms=5_000, quorum=quorum)
 
 
 def test_window_closes_on_event_time_after_grace_not_before() -> None:
@@ -143,8 +143,13 @@ def test_flush_closes_everything_and_later_records_for_flushed_windows_are_late(
     flushed = w.flush()
     assert [(x.symbol, x.start_ms) for x in flushed] == [("A", T0), ("B", T0 + MIN)]
     w.remove(flushed)
-    assert isinstance(w.apply(q("C", T0 + MIN + 2_000), 2), Late)
-    assert isinstance(w.apply(q("C", T0 + 2 * MIN), 3), Applied)
+    # Late per symbol: each symbol's windows stay in start order, and a flushed window of
+    # one symbol closes nothing of another.
+    assert isinstance(w.apply(q("B", T0 + MIN + 2_000), 2), Late)
+    assert isinstance(w.apply(q("B", T0 + 3_000), 3), Late)
+    assert isinstance(w.apply(q("A", T0 + 2_000), 4), Late)
+    assert isinstance(w.apply(q("A", T0 + MIN + 2_000), 5), Applied)
+    assert isinstance(w.apply(q("C", T0 + MIN + 2_000), 6), Applied)
 
 
 def test_state_round_trip() -> None:
@@ -168,11 +173,11 @@ events = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(events)
+@given(events, st.integers(min_value=1, max_value=4))
 def test_engine_matches_batch_recomputation(
-    evts: list[tuple[str, int, float, float | None]],
+    evts: list[tuple[str, int, float, float | None]], quorum: int
 ) -> None:
-    w = engine()
+    w = engine(quorum)
     emitted: dict[tuple[str, int], dict[str, object]] = {}
     late = []
     records = []
@@ -190,7 +195,7 @@ def test_engine_matches_batch_recomputation(
     for window in w.flush():
         assert (window.symbol, window.start_ms) not in emitted
         emitted[(window.symbol, window.start_ms)] = window.to_record()
-    expected, expected_late = expected_windows(records)
+    expected, expected_late = expected_windows(records, quorum=quorum)
     assert sorted(emitted) == sorted(expected)
     for key, want in expected.items():
         assert_window_equal(emitted[key], want)
@@ -206,3 +211,53 @@ def test_clock_covers_windows_it_already_closed() -> None:
     assert w.covers(old) and not w.covers(new)
     w.clock = PartitionClock(watermark_ms=-1, closed_until_ms=T0 + 4 * MIN)
     assert w.covers(new)
+
+
+DAY = 24 * 60 * MIN
+
+
+def test_one_symbol_with_a_wrong_clock_closes_nothing_of_the_others() -> None:
+    w = engine(quorum=2)
+    for i, symbol in enumerate("ABC"):
+        w.apply(q(symbol, T0 + 1_000 + i), i)
+    # A's source jumps a month ahead (a bad clock, or a mis-dated row in a replay).
+    future = w.apply(q("A", T0 + 30 * DAY), 3)
+    assert isinstance(future, Applied)
+    assert w.closable() == []
+    assert w.clock.watermark_ms == T0 + 1_002  # the second-highest symbol: C
+    # Everyone's on-time quotes still count, A's included.
+    for offset, symbol in enumerate("ABC", start=4):
+        assert isinstance(w.apply(q(symbol, T0 + 30_000), offset), Applied)
+    # The partition moves on when two symbols have: windows close normally.
+    w.apply(q("B", T0 + MIN + 6_000), 7)
+    w.apply(q("C", T0 + MIN + 6_000), 8)
+    assert sorted(x.symbol for x in w.closable()) == ["A", "B", "C"]
+
+
+def test_with_a_quorum_of_one_the_highest_event_time_closes_everything() -> None:
+    w = engine(quorum=1)
+    w.apply(q("B", T0 + 1_000), 0)
+    w.apply(q("A", T0 + 30 * DAY), 1)
+    assert [x.symbol for x in w.closable()] == ["B"]
+    assert isinstance(w.apply(q("C", T0 + 2_000), 2), Late)
+
+
+def test_an_overnight_gap_closes_yesterday_when_the_symbols_open() -> None:
+    w = engine(quorum=2)
+    for i, symbol in enumerate("ABC"):
+        w.apply(q(symbol, T0 + 1_000 + i), i)
+    morning = T0 + 17 * 60 * MIN
+    w.apply(q("A", morning), 3)
+    assert w.closable() == []
+    w.apply(q("B", morning + 1), 4)
+    assert sorted(x.symbol for x in w.closable()) == ["A", "B", "C"]
+
+
+def test_a_partition_with_fewer_symbols_than_the_quorum_follows_all_of_them() -> None:
+    w = engine(quorum=3)
+    w.apply(q("A", T0 + 1_000), 0)
+    w.apply(q("A", T0 + MIN + 5_000), 1)
+    assert [x.symbol for x in w.closable()] == ["A"]
+    w.apply(q("B", T0 + MIN + 2_000), 2)  # B joins: now both must move
+    assert isinstance(w.apply(q("A", T0 + 5 * MIN), 3), Applied)
+    assert w.clock.watermark_ms == T0 + MIN + 5_000
