@@ -45,6 +45,18 @@ REQUIRED_FIELDS = frozenset(
 )
 
 
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "key": (str, type(None)),
+    "key_base64": (bool,),
+    "value": (str, type(None)),
+    "value_base64": (bool,),
+    "topic": (str,),
+    "partition": (int,),
+    "offset": (int,),
+    "reason": (str,),
+}
+
+
 class NotADeadLetter(StockstreamError, ValueError):
     """A record of the dead-letter topic that does not follow this contract."""
 
@@ -116,6 +128,14 @@ def parse_dead_letter(value: bytes | None) -> dict[str, Any]:
     missing = REQUIRED_FIELDS.difference(body)
     if missing:
         raise NotADeadLetter(f"missing field(s) {', '.join(sorted(missing))}")
+    # Anyone with write access can put a record on the topic: type every field a re-drive
+    # reads, so a list where a number belongs is a clear refusal, not a crash.
+    for name, expected in _FIELD_TYPES.items():
+        field = body[name]
+        if not isinstance(field, expected) or (isinstance(field, bool) and bool not in expected):
+            raise NotADeadLetter(f"field {name!r} has the wrong type: {type(field).__name__}")
+    if body["partition"] < 0 or body["offset"] < 0:
+        raise NotADeadLetter("partition and offset must be >= 0")
     return body
 
 

@@ -186,7 +186,8 @@ class QuoteValidator:
                 f"market_timestamp {ts} is {(ts - now_ms) / 1000:.0f}s in the future",
             )
         source = data.get("source")
-        if source not in _SOURCES:
+        # A JSON list or object is unhashable: test the type before the set lookup.
+        if not isinstance(source, str) or source not in _SOURCES:
             raise ContractError(
                 Reason.INVALID, f"source must be one of {sorted(_SOURCES)}, got {source!r}"
             )

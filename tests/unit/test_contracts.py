@@ -206,6 +206,15 @@ fields = st.sampled_from(
 )
 
 
+@pytest.mark.parametrize("container", [[], {}, [1], {"a": 1}])
+@pytest.mark.parametrize("name", sorted(good()))
+def test_a_list_or_object_in_any_field_is_a_contract_error(name: str, container: object) -> None:
+    # Found by the hypothesis test below in CI: `source: []` raised TypeError (unhashable).
+    with pytest.raises(ContractError) as info:
+        parse(good(**{name: container}))
+    assert info.value.reason is Reason.INVALID
+
+
 @given(
     st.dictionaries(fields, json_values, max_size=12),
     st.none() | st.binary(max_size=12) | st.just(b"AAPL"),

@@ -198,6 +198,46 @@ def test_what_is_not_a_dead_letter_is_named(value: bytes | None, message: str) -
         parse_dead_letter(value)
 
 
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["key", "key_base64", "value", "value_base64", "topic", "partition", "offset", "reason"]
+        ),
+        _json_values,
+        max_size=8,
+    )
+)
+def test_any_json_in_a_dead_letter_field_is_typed_or_refused(overrides: dict[str, Any]) -> None:
+    # A dead-letter topic is writable by anyone with access; a re-drive reads these fields.
+    body = dead_letter(
+        key=b"AAPL",
+        value=b"{}",
+        topic="stock-quotes",
+        partition=0,
+        offset=7,
+        reason=Reason.INVALID,
+        error="why",
+        failed_at_ms=T0,
+    )
+    body.update(overrides)
+    try:
+        parsed = parse_dead_letter(orjson.dumps(body))
+        original_bytes(parsed)
+    except NotADeadLetter:
+        return
+    assert isinstance(parsed["topic"], str) and isinstance(parsed["reason"], str)
+    for name in ("partition", "offset"):
+        assert type(parsed[name]) is int and parsed[name] >= 0
+
+
 def test_an_undecodable_original_is_not_a_dead_letter() -> None:
     body = {"key": None, "key_base64": False, "value": "***", "value_base64": True}
     with pytest.raises(NotADeadLetter, match="undecodable original"):
