@@ -27,6 +27,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +276,53 @@ async def test_broker_frozen_past_the_session_timeout_under_a_backlog(
 # -- storage ----------------------------------------------------------------------------------
 
 
+@dataclass
+class Outage:
+    produced: Produced
+    expected: dict[tuple[str, int], dict[str, Any]]
+    during: dict[str, float]  # the worker's metrics at the end of the outage
+    down_for: float
+    windows: list[Any]
+    dlq: list[Any]
+    worker: Worker  # stopped; its log tail goes into a failure's message
+
+
+async def outage(
+    stack: Stack,
+    rows: list[tuple[bytes, bytes, bool]],
+    log: Path,
+    service: Any,
+    *,
+    progress: Callable[[Worker], bool],
+    caught_up: Callable[[Worker, Produced, int], bool],
+) -> Outage:
+    """Half the rows in, the worker under way (`progress`), `service` stopped for OUTAGE
+    while the other half comes in and every window is emitted, started again, and then the
+    worker catches up (`caught_up`)."""
+    first = await produce(stack.bootstrap, stack.quotes, rows[: len(rows) // 2])
+    worker = Worker(stack, log)
+    try:
+        worker.wait_ready()
+        await wait_until(lambda: progress(worker), 60, "progress before the outage", worker)
+        service.stop()
+        down_at = time.monotonic()
+        second = await produce(stack.bootstrap, stack.quotes, rows[len(rows) // 2 :])
+        produced = merge(first, second)
+        expected, _ = expected_windows(produced.records)
+        await wait_windows(stack, len(expected), OUTAGE, worker)
+        await asyncio.sleep(max(0.0, down_at + OUTAGE - time.monotonic()))
+        during = metrics(worker)
+        service.start()
+        down_for = time.monotonic() - down_at
+        await wait_until(
+            lambda: caught_up(worker, produced, len(expected)), 120, "caught up", worker
+        )
+        windows, dlq = await collect(stack, produced, worker)
+    finally:
+        worker.stop()
+    return Outage(produced, expected, during, down_for, windows, dlq, worker)
+
+
 async def test_object_store_down_for_a_minute(
     kafka_bootstrap: str, tmp_path: Path, s3: SeaweedS3
 ) -> None:
@@ -288,61 +336,42 @@ async def test_object_store_down_for_a_minute(
     )
     await create_topics(stack)
     rows = dataset(symbols=24, minutes=30, seed=37)
-    first = await produce(kafka_bootstrap, stack.quotes, rows[: len(rows) // 2])
-    worker = Worker(stack, tmp_path / "worker.log")
-    try:
-        worker.wait_ready()
-        await wait_until(
-            lambda: metrics(worker).get("stockstream_archive_records_total", 0) >= 1000,
-            60,
-            "the first objects",
-            worker,
-        )
-        s3.stop()
-        down_at = time.monotonic()
-        second = await produce(kafka_bootstrap, stack.quotes, rows[len(rows) // 2 :])
-        produced = merge(first, second)
-        expected, _ = expected_windows(produced.records)
-        await wait_windows(stack, len(expected), OUTAGE, worker)
-        during = metrics(worker)
-        await asyncio.sleep(max(0.0, down_at + OUTAGE - time.monotonic()))
-        s3.start()
-        down_for = time.monotonic() - down_at
-        await wait_until(
-            lambda: (
-                metrics(worker).get("stockstream_archive_records_total", 0) >= len(produced.records)
-            ),
-            120,
-            "every record archived after the outage",
-            worker,
-        )
-        windows, dlq = await collect(stack, produced, worker)
-    finally:
-        worker.stop()
+
+    def archived_total(worker: Worker) -> float:
+        return metrics(worker).get("stockstream_archive_records_total", 0)
+
+    run = await outage(
+        stack,
+        rows,
+        tmp_path / "worker.log",
+        s3,
+        progress=lambda w: archived_total(w) >= 1000,
+        caught_up=lambda w, produced, _: archived_total(w) >= len(produced.records),
+    )
     s3.mirror(f"{stack.quotes}/", tmp_path / "mirror")
     archived = Counter(
         (r["kafka_partition"], r["kafka_offset"])
         for r in read_archive(tmp_path / "mirror", stack.quotes)
     )
-    valid = Counter((r.partition, r.offset) for r in produced.records)
+    valid = Counter((r.partition, r.offset) for r in run.produced.records)
     fig = figures(
         "object-store-down",
         started,
         len(rows),
-        windows,
-        dlq,
-        produced,
+        run.windows,
+        run.dlq,
+        run.produced,
         stack,
-        outage=f"{down_for:.0f}s",
-        archive_blocked_during=during.get("stockstream_archive_blocked"),
-        archived_during=int(during.get("stockstream_archive_records_total", 0)),
+        outage=f"{run.down_for:.0f}s",
+        archive_blocked_during=run.during.get("stockstream_archive_blocked"),
+        archived_during=int(run.during.get("stockstream_archive_records_total", 0)),
         archived=sum(archived.values()),
         archive_missing=sum((valid - archived).values()),
         archive_duplicated=sum((archived - valid).values()),
     )
-    report(fig, worker, zero=("archive_missing", "archive_duplicated"))
-    assert during.get("stockstream_archive_blocked") == 1, "the outage must block the archive"
-    check_output(windows, dedupe_dlq(dlq), produced, stack)
+    report(fig, run.worker, zero=("archive_missing", "archive_duplicated"))
+    assert run.during.get("stockstream_archive_blocked") == 1, "the outage must block the archive"
+    check_output(run.windows, dedupe_dlq(run.dlq), run.produced, stack)
 
 
 async def test_warehouse_down_for_a_minute(
@@ -355,50 +384,39 @@ async def test_warehouse_down_for_a_minute(
     stack = bq_stack(kafka_bootstrap, tmp_path, emulator, WAREHOUSE_RETRY_DEADLINE_SECONDS="3")
     await create_topics(stack)
     rows = dataset(symbols=12, minutes=30, seed=41)
-    first = await produce(kafka_bootstrap, stack.quotes, rows[: len(rows) // 2])
 
-    def written() -> float:
+    def written(worker: Worker) -> float:
         return metrics(worker).get('stockstream_warehouse_rows_total{outcome="written"}', 0)
 
-    worker = Worker(stack, tmp_path / "worker.log")
-    try:
-        worker.wait_ready()
-        await wait_until(lambda: written() > 0, 60, "the first rows", worker)
-        emulator.stop()
-        down_at = time.monotonic()
-        second = await produce(kafka_bootstrap, stack.quotes, rows[len(rows) // 2 :])
-        produced = merge(first, second)
-        expected, _ = expected_windows(produced.records)
-        await wait_windows(stack, len(expected), OUTAGE, worker)
-        await asyncio.sleep(max(0.0, down_at + OUTAGE - time.monotonic()))
-        during = metrics(worker)
-        emulator.start()
-        down_for = time.monotonic() - down_at
-        await wait_until(lambda: written() >= len(expected), 120, "every window loaded", worker)
-        windows, dlq = await collect(stack, produced, worker)
-    finally:
-        worker.stop()
+    run = await outage(
+        stack,
+        rows,
+        tmp_path / "worker.log",
+        emulator,
+        progress=lambda w: written(w) > 0,
+        caught_up=lambda w, _, windows: written(w) >= windows,
+    )
     loaded = bq_rows(emulator, stack.extra_env["BQ_DATASET"])
     keys = Counter((r["symbol"], r["window_start_ms"]) for r in loaded)
     fig = figures(
         "warehouse-down",
         started,
         len(rows),
-        windows,
-        dlq,
-        produced,
+        run.windows,
+        run.dlq,
+        run.produced,
         stack,
-        outage=f"{down_for:.0f}s",
-        warehouse_up_during=during.get("stockstream_warehouse_up"),
-        warehouse_failures=int(during.get("stockstream_warehouse_failures_total", 0)),
+        outage=f"{run.down_for:.0f}s",
+        warehouse_up_during=run.during.get("stockstream_warehouse_up"),
+        warehouse_failures=int(run.during.get("stockstream_warehouse_failures_total", 0)),
         loaded_rows=len(loaded),
-        loaded_missing=len(set(expected) - set(keys)),
+        loaded_missing=len(set(run.expected) - set(keys)),
         loaded_duplicated=sum(n - 1 for n in keys.values()),
     )
-    report(fig, worker, zero=("loaded_missing", "loaded_duplicated"))
-    assert during.get("stockstream_warehouse_up") == 0, "the outage must reach the loader"
-    check_rows(loaded, expected)
-    check_output(windows, dedupe_dlq(dlq), produced, stack)
+    report(fig, run.worker, zero=("loaded_missing", "loaded_duplicated"))
+    assert run.during.get("stockstream_warehouse_up") == 0, "the outage must reach the loader"
+    check_rows(loaded, run.expected)
+    check_output(run.windows, dedupe_dlq(run.dlq), run.produced, stack)
 
 
 # -- the worker -------------------------------------------------------------------------------
