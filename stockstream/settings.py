@@ -87,15 +87,30 @@ class AggregationSettings:
     # How many symbols of a partition must have reached an event time before its windows
     # close there: one symbol with a wrong clock cannot close the others' windows.
     watermark_quorum: int = var("AGG_WATERMARK_QUORUM", 2, _positive, "must be > 0")
+    # Trades carrying any of these condition codes (Finnhub's `c`) add their volume to the
+    # window but do not set its prices (README, "Trade conditions").
+    excluded_conditions: tuple[str, ...] = var(
+        "AGG_EXCLUDED_CONDITIONS", ("3", "5", "12", "17", "24", "26", "37")
+    )
     batch_max_events: int = var("AGG_BATCH_MAX_EVENTS", 1000, _positive, "must be > 0")
     batch_max_seconds: float = var("AGG_BATCH_MAX_SECONDS", 0.05, _positive, "must be > 0")
+
+    @property
+    def excluded_condition_codes(self) -> frozenset[str]:
+        """AGG_EXCLUDED_CONDITIONS as a set; `none` (an empty value means the default)
+        lets every trade set prices."""
+        return frozenset(c for c in self.excluded_conditions if c.lower() != "none")
 
 
 @dataclass(frozen=True)
 class QuoteSettings:
     """The `stock-quotes` contract's tunable bounds (contracts/quotes.py)."""
 
-    symbol_pattern: str = var("QUOTE_SYMBOL_PATTERN", r"^[A-Z][A-Z0-9.\-:]{0,19}$")
+    # Finnhub's own formats: AAPL, BRK.B, 0700.HK, ^GSPC, COX&KINGS.NS, OANDA:EUR_USD,
+    # FXCM:XAU/USD, "IC MARKETS:1", BINANCE:BTCUSDT, HUOBI:btcusdt. ASCII letters, digits,
+    # the punctuation those use and inner spaces; never a control character or an outer space.
+    # Matched in full (no anchors needed, and none to trip a shell or compose over `$`).
+    symbol_pattern: str = var("QUOTE_SYMBOL_PATTERN", r"[A-Za-z0-9^][A-Za-z0-9 ._:/^&=+-]*(?<! )")
     max_future_seconds: float = var(
         "QUOTE_MAX_FUTURE_SECONDS", 300.0, _non_negative, "must be >= 0"
     )
@@ -173,6 +188,17 @@ class FinnhubSettings:
         "FINNHUB_BACKOFF_INITIAL_SECONDS", 0.5, _positive, "must be > 0"
     )
     backoff_max_seconds: float = var("FINNHUB_BACKOFF_MAX_SECONDS", 30.0, _positive, "must be > 0")
+    # Finnhub refuses subscriptions beyond about 50 symbols per websocket (websocket.py).
+    ws_max_symbols: int = var("FINNHUB_WS_MAX_SYMBOLS", 50, _positive, "must be > 0")
+    # One websocket per API key: replicas sharing REDIS_URL take turns (socket_lease.py).
+    # Below a second a Redis round trip or a pause could let a live holder's lease expire.
+    ws_lease_seconds: float = var(
+        "FINNHUB_WS_LEASE_SECONDS", 10.0, lambda v: v >= 1, "must be >= 1 (seconds)"
+    )
+    # A symbol outside the key's plan is asked again this often (plans change).
+    denied_recheck_seconds: float = var(
+        "FINNHUB_DENIED_RECHECK_SECONDS", 3600.0, _positive, "must be > 0"
+    )
 
 
 @dataclass(frozen=True)

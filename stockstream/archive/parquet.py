@@ -11,6 +11,9 @@ same schema:
 - `volume`, `change_amount`, `change_percent`, `day_high`, `day_low`, `day_open`, `prev_close`:
   float64, null when the quote has none
 - `fetched_at`: timestamp[ms, UTC], null when absent
+- `conditions`: list<string>, the trade's condition codes, null when the source has none
+  (objects written before the column existed lack it: DuckDB's `union_by_name = true` reads
+  them with null there)
 - `kafka_partition` (int32), `kafka_offset` (int64), not null: where the record is in the topic
 - `kafka_timestamp`: timestamp[ms, UTC], the record's Kafka timestamp (null for DLQ re-drives)
 
@@ -63,6 +66,7 @@ SCHEMA = pa.schema(
         pa.field("day_low", pa.float64()),
         pa.field("day_open", pa.float64()),
         pa.field("prev_close", pa.float64()),
+        pa.field("conditions", pa.list_(pa.string())),
         pa.field("kafka_partition", pa.int32(), nullable=False),
         pa.field("kafka_offset", pa.int64(), nullable=False),
         pa.field("kafka_timestamp", _TS),

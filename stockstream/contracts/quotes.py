@@ -48,6 +48,9 @@ MAX_VOLUME = 1e15
 MAX_CHANGE_PERCENT = 1e9
 #: Symbols are at most this long and printable, whatever QUOTE_SYMBOL_PATTERN allows.
 SYMBOL_MAX_LENGTH = 64
+#: Trade condition codes (Finnhub's `c`): at most this many per quote, each 1-8 characters.
+MAX_CONDITIONS = 16
+CONDITION_MAX_LENGTH = 8
 
 # (field, lowest, highest) of the optional numbers; `current_price` and `volume` are checked
 # on their own (strict lower bounds).
@@ -76,6 +79,9 @@ class Quote:
     day_low: float | None = None
     day_open: float | None = None
     prev_close: float | None = None
+    # The trade's condition codes as the exchange feed reported them (Finnhub's `c`); None
+    # when the source has none (REST quotes, crypto and forex trades).
+    conditions: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +111,29 @@ def _number(
     if not low <= number <= high:
         raise ContractError(Reason.INVALID, f"{name} must be in [{low:g}, {high:g}], got {value!r}")
     return number
+
+
+def _conditions(data: dict[str, Any]) -> tuple[str, ...] | None:
+    value = data.get("conditions")
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_CONDITIONS:
+        raise ContractError(
+            Reason.INVALID, f"conditions must be a list of at most {MAX_CONDITIONS} codes"
+        )
+    for code in value:
+        if (
+            not isinstance(code, str)
+            or not 0 < len(code) <= CONDITION_MAX_LENGTH
+            or not code.isascii()
+            or not code.isprintable()
+        ):
+            raise ContractError(
+                Reason.INVALID,
+                f"conditions: each code must be 1 to {CONDITION_MAX_LENGTH} printable ASCII"
+                f" characters, got {str(code)[: CONDITION_MAX_LENGTH + 1]!r}",
+            )
+    return tuple(value)
 
 
 def _epoch_ms(data: dict[str, Any], name: str, required: bool) -> int | None:
@@ -152,8 +181,9 @@ class QuoteValidator:
             )
         return self.validate(key, data, now_ms)
 
-    def validate(self, key: bytes | None, data: dict[str, Any], now_ms: int) -> Quote:
-        symbol = data.get("symbol")
+    def check_symbol(self, symbol: Any) -> str:
+        """`symbol` if this contract accepts it; else `ContractError` saying why. Producers
+        check their configured symbols with it before they send anything."""
         if not isinstance(symbol, str):
             raise ContractError(Reason.INVALID, "missing or non-string field 'symbol'")
         if not 0 < len(symbol) <= SYMBOL_MAX_LENGTH or not symbol.isprintable():
@@ -165,8 +195,13 @@ class QuoteValidator:
         # fullmatch: with `match`, `$` accepts a trailing newline ("AAPL\n").
         if not self._symbol.fullmatch(symbol):
             raise ContractError(
-                Reason.INVALID, f"symbol {symbol!r} does not match the symbol format"
+                Reason.INVALID,
+                f"symbol {symbol!r} does not match the symbol format (QUOTE_SYMBOL_PATTERN)",
             )
+        return symbol
+
+    def validate(self, key: bytes | None, data: dict[str, Any], now_ms: int) -> Quote:
+        symbol = self.check_symbol(data.get("symbol"))
         # Windows are per partition: a record keyed differently lands on another partition
         # than its symbol's other quotes and would split that symbol's windows.
         if key is None or key != symbol.encode():
@@ -209,4 +244,5 @@ class QuoteValidator:
             volume=volume,
             fetched_at=_epoch_ms(data, "fetched_at", required=False),
             **extra,
+            conditions=_conditions(data),
         )

@@ -45,14 +45,20 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field("window_end", Kind.TIMESTAMP, False, "Window end, UTC"),
     Field("window_start_ms", Kind.INTEGER, False, "window_start as epoch milliseconds"),
-    Field("count", Kind.INTEGER, False, "Number of quotes in the window"),
-    Field("sum", Kind.NUMBER, False, "Sum of current_price over the window's quotes"),
+    Field(
+        "count",
+        Kind.INTEGER,
+        False,
+        "Number of quotes that set prices (trades with an AGG_EXCLUDED_CONDITIONS code do not,"
+        " unless the window has no other)",
+    ),
+    Field("sum", Kind.NUMBER, False, "Sum of current_price over those quotes"),
     Field("min", Kind.NUMBER, False, "Lowest price"),
     Field("max", Kind.NUMBER, False, "Highest price"),
     Field("avg", Kind.NUMBER, False, "Mean price (sum / count)"),
     Field("open", Kind.NUMBER, False, "First price by event time"),
     Field("close", Kind.NUMBER, False, "Last price by event time"),
-    Field("volume", Kind.NUMBER, True, "Sum of volumes; null when no quote had one"),
+    Field("volume", Kind.NUMBER, True, "Sum of volumes of all quotes; null when no quote had one"),
     Field("vwap", Kind.NUMBER, True, "Volume-weighted average price; null without volume"),
     Field("first_event_ms", Kind.INTEGER, False, "Earliest market_timestamp in the window (ms)"),
     Field("last_event_ms", Kind.INTEGER, False, "Latest market_timestamp in the window (ms)"),
@@ -79,10 +85,13 @@ def window_record(
     close_price: float,
     volume: float | None,
     price_volume: float,
+    priced_volume: float | None = None,
     first_event_ms: int,
     last_event_ms: int,
 ) -> dict[str, Any]:
-    """The record of a closed window (`avg` and `vwap` derived here, once)."""
+    """The record of a closed window (`avg` and `vwap` derived here, once). `priced_volume`:
+    the part of `volume` whose trades set prices (default: all of it)."""
+    weighed = volume if priced_volume is None else priced_volume
     return {
         "symbol": symbol,
         "window_start": iso_utc(start_ms),
@@ -96,7 +105,7 @@ def window_record(
         "open": open_price,
         "close": close_price,
         "volume": volume,
-        "vwap": price_volume / volume if volume else None,
+        "vwap": price_volume / weighed if weighed else None,
         "first_event_ms": first_event_ms,
         "last_event_ms": last_event_ms,
     }

@@ -74,6 +74,10 @@ def _optional_finite(value: Any) -> bool:
     return value is None or _finite(value)
 
 
+def _bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
 def _text(value: Any) -> bool:
     return isinstance(value, str) and bool(value)
 
@@ -93,6 +97,7 @@ _KINDS: dict[type[Any], dict[str, Any]] = {
             ("start_ms", "size_ms", "count", "open_ts", "close_ts", "first_event_ms"), _int
         ),
         **dict.fromkeys(("last_event_ms", "last_offset"), _int),
+        "provisional": _bool,
     },
     PartitionClock: {
         **dict.fromkeys(_CLOCK_FIELDS, _int),

@@ -60,12 +60,18 @@ def clock_key(partition: int) -> str:
 
 class WindowState:
     def __init__(
-        self, table: MutableMapping[str, Any], size_ms: int, grace_ms: int, quorum: int = 1
+        self,
+        table: MutableMapping[str, Any],
+        size_ms: int,
+        grace_ms: int,
+        quorum: int = 1,
+        excluded_conditions: frozenset[str] = frozenset(),
     ) -> None:
         self._table = table
         self._size_ms = size_ms
         self._grace_ms = grace_ms
         self._quorum = quorum
+        self._excluded = excluded_conditions
         self._partitions: dict[int, PartitionWindows] = {}
         # Windows changed since they were last written, per partition (write-behind per batch).
         self._dirty: dict[int, dict[tuple[str, int], WindowAggregate]] = {}
@@ -81,7 +87,9 @@ class WindowState:
     def restore(self, partition: int) -> PartitionWindows:
         """Rebuild the mirror of one partition from the (recovered) table, without using it
         yet (`register` does, once the caller has everything else the partition needs)."""
-        windows = PartitionWindows(self._size_ms, self._grace_ms, quorum=self._quorum)
+        windows = PartitionWindows(
+            self._size_ms, self._grace_ms, quorum=self._quorum, excluded_conditions=self._excluded
+        )
         key = clock_key(partition)
         clock = self._table.get(key)
         if clock is not None:

@@ -52,9 +52,17 @@ class WindowAggregate:
     first_event_ms: int
     last_event_ms: int
     last_offset: int
+    # Volume of trades whose conditions leave them out of the price fields (odd lots...):
+    # counted in `volume`, not in the VWAP's denominator.
+    excluded_volume: float = 0.0
+    # True while every quote of the window was such a trade: its prices stand in until the
+    # first priced quote replaces them, so a window never lacks prices.
+    provisional: bool = False
 
     @classmethod
-    def first(cls, quote: Quote, start_ms: int, size_ms: int, offset: int) -> WindowAggregate:
+    def first(
+        cls, quote: Quote, start_ms: int, size_ms: int, offset: int, priced: bool = True
+    ) -> WindowAggregate:
         price, ts = quote.current_price, quote.market_timestamp
         return cls(
             symbol=quote.symbol,
@@ -73,14 +81,28 @@ class WindowAggregate:
             first_event_ms=ts,
             last_event_ms=ts,
             last_offset=offset,
+            provisional=not priced,
         )
 
     @property
     def end_ms(self) -> int:
         return self.start_ms + self.size_ms
 
-    def add(self, quote: Quote, offset: int) -> None:
+    def add(self, quote: Quote, offset: int, priced: bool = True) -> None:
         price, ts = quote.current_price, quote.market_timestamp
+        if priced and self.provisional:
+            self._reprice(quote, offset)
+            return
+        if not priced and not self.provisional:
+            # Under US consolidated-tape rules such a print (e.g. an odd lot) does not set the
+            # last price, high or low; its shares are still traded volume.
+            if quote.volume is not None:
+                self.volume = (self.volume or 0.0) + quote.volume
+                self.excluded_volume += quote.volume
+            self.first_event_ms = min(self.first_event_ms, ts)
+            self.last_event_ms = max(self.last_event_ms, ts)
+            self.last_offset = offset
+            return
         self.count += 1
         self.sum += price
         self.min = min(self.min, price)
@@ -98,6 +120,23 @@ class WindowAggregate:
         self.last_event_ms = max(self.last_event_ms, ts)
         self.last_offset = offset
 
+    def _reprice(self, quote: Quote, offset: int) -> None:
+        """The first priced quote of a provisional window: the stand-in prices go, their
+        volume stays (now as excluded volume)."""
+        events = (self.first_event_ms, self.last_event_ms)
+        excluded = self.volume or 0.0
+        fresh = WindowAggregate.first(quote, self.start_ms, self.size_ms, offset)
+        for name in ("count", "sum", "min", "max", "open", "open_ts", "close", "close_ts"):
+            setattr(self, name, getattr(fresh, name))
+        self.price_volume = fresh.price_volume
+        if quote.volume is not None or self.volume is not None:
+            self.volume = excluded + (quote.volume or 0.0)
+        self.excluded_volume = excluded
+        self.provisional = False
+        self.first_event_ms = min(events[0], quote.market_timestamp)
+        self.last_event_ms = max(events[1], quote.market_timestamp)
+        self.last_offset = offset
+
     def to_record(self) -> dict[str, Any]:
         """The `stock-quotes-aggregated` record of this window."""
         return window_record(
@@ -111,6 +150,7 @@ class WindowAggregate:
             open_price=self.open,
             close_price=self.close,
             volume=self.volume,
+            priced_volume=None if self.volume is None else self.volume - self.excluded_volume,
             price_volume=self.price_volume,
             first_event_ms=self.first_event_ms,
             last_event_ms=self.last_event_ms,
@@ -160,6 +200,8 @@ class PartitionWindows:
     open: dict[tuple[str, int], WindowAggregate] = field(default_factory=dict)
     # How many symbols must have reached an event time before the watermark moves there.
     quorum: int = 1
+    # Trade condition codes that leave a quote out of the price fields (AGG_EXCLUDED_CONDITIONS).
+    excluded_conditions: frozenset[str] = frozenset()
     # End of the oldest open window: lets `closable()` answer "nothing" without a scan.
     _earliest_end: int = sys.maxsize
     # The `quorum` symbols with the highest progress (kept on every advance, so the
@@ -213,12 +255,14 @@ class PartitionWindows:
                 f" passed window end + {self.grace_ms} ms grace",
                 offset,
             )
+        conditions = quote.conditions
+        priced = conditions is None or self.excluded_conditions.isdisjoint(conditions)
         if window is None:
-            window = WindowAggregate.first(quote, start, self.size_ms, offset)
+            window = WindowAggregate.first(quote, start, self.size_ms, offset, priced)
             self.open[key] = window
             self._earliest_end = min(self._earliest_end, end)
         else:
-            window.add(quote, offset)
+            window.add(quote, offset, priced)
         self._advance(quote.symbol, quote.market_timestamp, offset)
         return Applied(window)
 

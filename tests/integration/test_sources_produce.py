@@ -129,7 +129,9 @@ async def test_finnhub_rest_into_kafka(kafka_bootstrap: str, tmp_path: Path) -> 
         sent = await produce_from(source, settings, 30)
     rows = await read_back(settings, 30)
     assert len(rows) == 30
-    assert per_symbol(rows) == per_symbol([(q.symbol.encode(), q.to_dict()) for q in sent])
+    assert per_symbol(rows) == per_symbol(
+        [(q.symbol.encode(), orjson.loads(q.to_json())) for q in sent]
+    )
     assert {v["source"] for _, v in rows} == {"finnhub-quote"}
     assert "ZZZZ" not in per_symbol(rows)
     assert all(v["current_price"] > 0 for _, v in rows)
@@ -152,7 +154,9 @@ async def test_finnhub_websocket_into_kafka(kafka_bootstrap: str, tmp_path: Path
         sent = await asyncio.wait_for(producing, 30)
     rows = await read_back(settings, len(trades))
     assert len(rows) == len(trades)
-    assert per_symbol(rows) == per_symbol([(q.symbol.encode(), q.to_dict()) for q in sent])
+    assert per_symbol(rows) == per_symbol(
+        [(q.symbol.encode(), orjson.loads(q.to_json())) for q in sent]
+    )
     got = sorted(
         (v["symbol"], v["market_timestamp"], v["current_price"], v["volume"]) for _, v in rows
     )

@@ -52,7 +52,39 @@ def reason_of(record: object, key: bytes | None = b"AAPL", raw: bytes | None = N
 def test_valid_quote_round_trips() -> None:
     quote = parse(good())
     assert quote.symbol == "AAPL" and quote.current_price == 189.5
-    assert orjson.loads(quote.to_json()) == {**good(), "current_price": 189.5}
+    assert orjson.loads(quote.to_json()) == {**good(), "current_price": 189.5, "conditions": None}
+
+
+# Symbols as Finnhub spells them (stocks, foreign listings, indices, forex, crypto).
+FINNHUB_SYMBOLS = [
+    "AAPL",
+    "BRK.B",
+    "0700.HK",
+    "7203.T",
+    "SBIN.NS",
+    "^GSPC",
+    "OANDA:EUR_USD",
+    "OANDA:XAU_USD",
+    "FXCM:XAU/USD",
+    "IC MARKETS:1",
+    "BINANCE:BTCUSDT",
+    "BINANCE:1000SHIBUSDT",
+    "COINBASE:BTC-USD",
+    "HUOBI:btcusdt",
+]
+
+
+@pytest.mark.parametrize("symbol", FINNHUB_SYMBOLS)
+def test_every_finnhub_symbol_format_is_accepted(symbol: str) -> None:
+    quote = parse(good(symbol=symbol), key=symbol.encode())
+    assert quote.symbol == symbol
+
+
+def test_trade_conditions_are_carried() -> None:
+    quote = parse(good(conditions=["1", "12"]))
+    assert quote.conditions == ("1", "12")
+    assert orjson.loads(quote.to_json())["conditions"] == ["1", "12"]
+    assert parse(good(conditions=None)).conditions is None
 
 
 def test_optional_fields_may_be_absent() -> None:
@@ -88,7 +120,8 @@ def test_tombstone_is_malformed() -> None:
         ({"market_timestamp": NOW // 1000}, "seconds given"),
         ({"market_timestamp": NOW + 3_600_000}, "in the future"),
         ({"market_timestamp": 1.5e12 + 0.5}, "integer epoch milliseconds"),
-        ({"symbol": "aapl"}, "symbol format"),
+        ({"symbol": "-AAPL"}, "symbol format"),
+        ({"symbol": "ÄPPLE"}, "symbol format"),
         ({"symbol": 5}, "symbol"),
         ({"source": "bloomberg"}, "source must be one of"),
         ({"day_high": 1.0, "day_low": 2.0}, "day_high 1.0 < day_low 2.0"),
@@ -156,7 +189,13 @@ def test_dead_letter_keeps_original_bytes_text_or_base64() -> None:
         ({"day_high": 1e13, "day_low": 1.0}, "day_high must be in"),
         ({"change_percent": -1e10}, "change_percent must be in"),
         ({"symbol": "AAPL\n"}, "printable"),
-        ({"symbol": "aapl"}, "does not match the symbol format"),
+        ({"symbol": " AAPL"}, "does not match the symbol format"),
+        ({"symbol": "AAPL "}, "does not match the symbol format"),
+        ({"conditions": "1,12"}, "conditions must be a list"),
+        ({"conditions": ["1"] * 17}, "conditions must be a list of at most 16"),
+        ({"conditions": [""]}, "each code must be 1 to 8"),
+        ({"conditions": ["123456789"]}, "each code must be 1 to 8"),
+        ({"conditions": ["\x07"]}, "each code must be 1 to 8"),
         ({"symbol": "A" * 65}, "symbol must be 1 to 64 printable characters"),
         ({"symbol": "AA\x00PL"}, "printable"),
         ({"symbol": ""}, "printable"),

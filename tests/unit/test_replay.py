@@ -253,7 +253,7 @@ async def test_invalid_ndjson_rows_are_counted_and_logged_with_file_and_line(
         "[1, 2]",  # 3 not an object
         "",  # 4 blank: not a record
         rec("AAPL", T0, price=-1),  # 5
-        rec("aapl", T0),  # 6
+        rec(" AAPL", T0),  # 6
         rec("AAPL", NOW + 3_600_000),  # 7 an hour in the future
         rec("AAPL", 1_764_000_000),  # 8 seconds, not ms
         rec("MSFT", T0 + 1),  # 9

@@ -261,3 +261,109 @@ def test_a_partition_with_fewer_symbols_than_the_quorum_follows_all_of_them() ->
     w.apply(q("B", T0 + MIN + 2_000), 2)  # B joins: now both must move
     assert isinstance(w.apply(q("A", T0 + 5 * MIN), 3), Applied)
     assert w.clock.watermark_ms == T0 + MIN + 5_000
+
+
+# -- trade conditions ----------------------------------------------------------------------
+
+ODD_LOT = "12"
+
+
+def trade(ts: int, price: float, volume: float, *codes: str) -> Quote:
+    return Quote(
+        symbol="AAPL",
+        current_price=price,
+        market_timestamp=ts,
+        source="finnhub-trade",
+        volume=volume,
+        conditions=codes or None,
+    )
+
+
+def conditioned() -> PartitionWindows:
+    return PartitionWindows(MIN, 5_000, excluded_conditions=frozenset({ODD_LOT, "24"}))
+
+
+def test_an_odd_lot_adds_volume_but_sets_no_price() -> None:
+    w = conditioned()
+    w.apply(trade(T0 + 1_000, 100.0, 200, "1"), 0)
+    w.apply(trade(T0 + 2_000, 150.0, 5, "1", ODD_LOT), 1)  # would be the high and the close
+    w.apply(trade(T0 + 500, 50.0, 7, ODD_LOT), 2)  # would be the low and the open
+    (window,) = w.open.values()
+    record = window.to_record()
+    assert (record["open"], record["max"], record["min"], record["close"]) == (100.0,) * 4
+    assert record["count"] == 1 and record["avg"] == 100.0
+    assert record["volume"] == 212
+    assert record["vwap"] == 100.0  # weighed by the priced volume only
+    assert (record["first_event_ms"], record["last_event_ms"]) == (T0 + 500, T0 + 2_000)
+
+
+def test_a_window_of_only_excluded_trades_keeps_their_prices_until_a_priced_one() -> None:
+    w = conditioned()
+    w.apply(trade(T0 + 1_000, 90.0, 10, "24", ODD_LOT), 0)
+    w.apply(trade(T0 + 2_000, 95.0, 30, "24"), 1)
+    (window,) = w.open.values()
+    stand_in = window.to_record()
+    assert (stand_in["open"], stand_in["close"], stand_in["count"]) == (90.0, 95.0, 2)
+    assert stand_in["volume"] == 40 and stand_in["vwap"] == (90 * 10 + 95 * 30) / 40
+    w.apply(trade(T0 + 3_000, 101.0, 100, "1"), 2)
+    record = window.to_record()
+    assert (record["open"], record["min"], record["max"], record["close"]) == (101.0,) * 4
+    assert record["count"] == 1 and record["volume"] == 140 and record["vwap"] == 101.0
+    assert record["first_event_ms"] == T0 + 1_000
+
+
+def test_conditions_outside_the_set_and_none_are_priced() -> None:
+    w = conditioned()
+    w.apply(trade(T0 + 1_000, 100.0, 1, "1", "8"), 0)
+    w.apply(Quote("AAPL", 104.0, T0 + 2_000, "finnhub-quote"), 1)  # REST: no conditions
+    (window,) = w.open.values()
+    assert window.count == 2 and window.max == 104.0
+
+
+def test_condition_state_survives_the_changelog() -> None:
+    w = conditioned()
+    w.apply(trade(T0 + 1_000, 90.0, 10, ODD_LOT), 0)
+    (window,) = w.open.values()
+    assert decode_window(encode_window(window)) == window
+    w.apply(trade(T0 + 2_000, 100.0, 10, "1"), 1)
+    w.apply(trade(T0 + 3_000, 99.0, 4, ODD_LOT), 2)
+    assert decode_window(encode_window(window)) == window
+    # State written before these fields existed reads as "no excluded trades".
+    old = encode_window(window)
+    del old["excluded_volume"], old["provisional"]
+    restored = decode_window(old)
+    assert restored.excluded_volume == 0.0 and restored.provisional is False
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, MIN - 1),
+            st.floats(1, 1000),
+            st.floats(0, 1000),
+            st.sampled_from([(), ("1",), (ODD_LOT,), ("1", "24"), ("8",)]),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_priced_fields_come_only_from_priced_trades_when_there_are_any(
+    trades: list[tuple[int, float, float, tuple[str, ...]]],
+) -> None:
+    w = conditioned()
+    for offset, (dt, price, volume, codes) in enumerate(trades):
+        w.apply(trade(T0 + dt, price, volume, *codes), offset)
+    (window,) = w.open.values()
+    record = window.to_record()
+    priced = [t for t in trades if not {ODD_LOT, "24"} & set(t[3])]
+    pool = priced or trades
+    assert record["count"] == len(pool)
+    assert record["min"] == min(t[1] for t in pool) and record["max"] == max(t[1] for t in pool)
+    assert abs(record["volume"] - sum(t[2] for t in trades)) <= 1e-9 * len(trades) * 1000
+
+
+def test_excluded_conditions_setting_none_lets_every_trade_set_prices() -> None:
+    from stockstream.settings import AggregationSettings
+
+    assert "12" in AggregationSettings().excluded_condition_codes
+    assert AggregationSettings(excluded_conditions=("none",)).excluded_condition_codes == set()

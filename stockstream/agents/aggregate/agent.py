@@ -80,6 +80,7 @@ class Aggregation:
             size_ms=agg.window_seconds * 1000,
             grace_ms=int(agg.grace_seconds * 1000),
             quorum=agg.watermark_quorum,
+            excluded_conditions=agg.excluded_condition_codes,
         )
         self.validator = QuoteValidator.from_settings(settings.quotes)
         self._read_range = read_range

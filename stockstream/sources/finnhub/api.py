@@ -4,9 +4,11 @@ its key, and the HTTP session both talk through.
 - `validate_answer`, `is_unknown_symbol`, `to_quote`: a `GET /quote` answer. Mapping:
   {c, d, dp, h, l, o, pc, t} -> Quote(current_price=c, change_amount=d, change_percent=dp,
   day_high=h, day_low=l, day_open=o, prev_close=pc, market_timestamp=t*1000 (Finnhub's `t` is
-  epoch seconds), fetched_at=when the API answered (ms), volume=None).
-- `trade_to_quote`: one entry {s, p, t, v} of a websocket trade message's `data` ->
-  Quote(current_price=p, market_timestamp=t (already epoch ms), volume=v, the day fields None).
+  epoch seconds), fetched_at=when the API answered (ms), volume=None). `d`/`dp` may be absent
+  (answers recorded before Finnhub added them): None.
+- `trade_to_quote`: one entry {s, p, t, v, c} of a websocket trade message's `data` ->
+  Quote(current_price=p, market_timestamp=t (already epoch ms), volume=v, conditions=c (null
+  for crypto and forex), the day fields None).
 - `parse_retry_after`: the `Retry-After` of an HTTP 429.
 - `redact`: the key must never reach a log, and aiohttp errors quote the URL it may be in.
 - `FinnhubClient`: the base of both sources: the key check, the backoff policy and an aiohttp
@@ -24,13 +26,16 @@ from typing import Any, Self
 from urllib.parse import quote as url_quote
 
 import aiohttp
+import orjson
 
-from stockstream.contracts.quotes import Quote, Source
+from stockstream.contracts.quotes import CONDITION_MAX_LENGTH, MAX_CONDITIONS, Quote, Source
 from stockstream.errors import StockstreamError
 from stockstream.retry import Backoff
 from stockstream.settings import FinnhubSettings, Secret
 
 FIELDS = ("c", "d", "dp", "h", "l", "o", "pc", "t")
+# Answers recorded before Finnhub added the day's change (and replays of them) lack these.
+_OPTIONAL_FIELDS = frozenset(("d", "dp"))
 # A Retry-After beyond this is treated as this (a broken header must not stop polling for days).
 MAX_RETRY_AFTER_SECONDS = 600.0
 # Finnhub's `t` is epoch seconds; anything this large is already milliseconds (or garbage).
@@ -51,6 +56,38 @@ class FinnhubAuthError(StockstreamError, RuntimeError):
     def rejected(cls, what: str) -> FinnhubAuthError:
         """Finnhub refused the key; `what` says where (status, path), never the key."""
         return cls(f"Finnhub rejected the API key: {what}; check {_KEY_SETTING}")
+
+
+class FinnhubNoAccess(FinnhubAuthError):
+    """The key is valid but may see none of the configured symbols. Stops the source."""
+
+
+# What Finnhub's 401/403 bodies say (recorded: tests/data/finnhub/recorded.json). A bad key
+# stops the source; a symbol outside the key's plan only stops that symbol.
+_KEY_REJECTED = ("invalid api key", "use an api key", "sign up", "api key")
+_NO_ACCESS = ("access to this resource", "subscription required", "premium", "not supported")
+
+
+def error_text(body: bytes) -> str:
+    """The message of an error answer: the JSON `error` field, or the body as text."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:300].decode("utf-8", "replace").strip()
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        return str(data["error"])[:300]
+    return body[:300].decode("utf-8", "replace").strip()
+
+
+def denial_kind(text: str) -> str | None:
+    """`"no_access"` when an error message says the symbol is outside the key's plan, `"key"`
+    when it says the key itself is bad, None when it says neither."""
+    lowered = text.lower()
+    if any(marker in lowered for marker in _NO_ACCESS):
+        return "no_access"
+    if any(marker in lowered for marker in _KEY_REJECTED):
+        return "key"
+    return None
 
 
 class MalformedAnswer(StockstreamError, ValueError):
@@ -83,9 +120,10 @@ def validate_answer(data: Any) -> dict[str, Any]:
     """The quote fields of a parsed /quote answer; raises MalformedAnswer."""
     if not isinstance(data, dict):
         raise MalformedAnswer(f"expected a JSON object, got {type(data).__name__}")
-    missing = [name for name in FIELDS if name not in data]
+    missing = [name for name in FIELDS if name not in data and name not in _OPTIONAL_FIELDS]
     if missing:
         raise MalformedAnswer(f"missing field(s) {', '.join(missing)}")
+    data = {name: data.get(name) for name in FIELDS}
     for name in ("c", "t"):
         if not _is_number(data[name]):
             raise MalformedAnswer(f"field {name} must be a number, got {data[name]!r:.40}")
@@ -151,6 +189,15 @@ def trade_to_quote(trade: Any, fetched_at: int) -> Quote:
         raise MalformedTrade(f"t must be epoch milliseconds, got {ts!r:.40}")
     if volume is not None and not (_is_number(volume) and volume >= 0):
         raise MalformedTrade(f"v must be a number >= 0, got {volume!r:.40}")
+    conditions: Any = trade.get("c")
+    if conditions is not None and not (
+        isinstance(conditions, list)
+        and len(conditions) <= MAX_CONDITIONS
+        and all(
+            isinstance(code, str) and 0 < len(code) <= CONDITION_MAX_LENGTH for code in conditions
+        )
+    ):
+        raise MalformedTrade(f"c must be a list of condition codes or null, got {conditions!r:.60}")
     return Quote(
         symbol=symbol,
         current_price=float(price),
@@ -158,6 +205,8 @@ def trade_to_quote(trade: Any, fetched_at: int) -> Quote:
         source=Source.FINNHUB_TRADE.value,
         volume=None if volume is None else float(volume),
         fetched_at=fetched_at,
+        # An empty list and null both mean "no condition reported".
+        conditions=tuple(conditions) if conditions else None,
     )
 
 
