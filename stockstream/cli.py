@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from stockstream.contracts.dead_letters import Reason
+from stockstream.contracts.quotes import ContractError, QuoteValidator
 from stockstream.envconfig import redact_url
 from stockstream.logs import setup_logging
 from stockstream.settings import Secret, Settings, SettingsError, load_settings
@@ -36,7 +37,6 @@ def _source(settings: Settings, args: argparse.Namespace) -> tuple[Any, list[Any
         )
         return SimulatorSource(simulator, count=args.count, paced=not args.fast).quotes(), []
     if args.source == "replay":
-        from stockstream.contracts.quotes import QuoteValidator
         from stockstream.sources.replay import ReplaySource
 
         if not args.files:
@@ -60,14 +60,36 @@ def _source(settings: Settings, args: argparse.Namespace) -> tuple[Any, list[Any
         cache = quote_cache.from_settings(settings.cache)
         rest = FinnhubQuoteSource(settings.finnhub, cache=cache)
         return rest.quotes(), [rest, *([cache] if cache else [])]
+    from stockstream.sources.finnhub import socket_lease
     from stockstream.sources.finnhub.websocket import FinnhubTradeSource
 
-    ws = FinnhubTradeSource(settings.finnhub)
-    return ws.quotes(), [ws]
+    # One websocket per API key: with REDIS_URL, replicas take turns holding it.
+    lease = socket_lease.from_settings(settings.finnhub, settings.cache)
+    ws = FinnhubTradeSource(settings.finnhub, lease=lease)
+    return ws.quotes(), [ws, *([lease] if lease else [])]
+
+
+def _check_symbols(symbols: tuple[str, ...], validator: QuoteValidator) -> None:
+    """Refuse, before anything is sent, symbols every quote of which the worker would
+    dead-letter (and a symbol listed twice, which would be polled twice)."""
+    problems = [
+        f"{symbol!r} is listed twice"
+        for symbol in sorted({s for s in symbols if symbols.count(s) > 1})
+    ]
+    for symbol in symbols:
+        try:
+            validator.check_symbol(symbol)
+        except ContractError as exc:
+            problems.append(exc.error)
+    if problems:
+        raise SystemExit("configuration error: STOCK_SYMBOLS: " + "; ".join(problems))
 
 
 async def _produce(settings: Settings, args: argparse.Namespace) -> int:
     from stockstream.kafka.clients import KafkaAccessError
+
+    if args.source in ("finnhub", "finnhub-ws"):
+        _check_symbols(settings.finnhub.symbols, QuoteValidator.from_settings(settings.quotes))
     from stockstream.kafka.topics import ensure_topics
     from stockstream.producer.quote_producer import QuoteProducer
 
@@ -263,7 +285,13 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
             return asyncio.run(_tail(settings, args.which, args.from_beginning))
         except KeyboardInterrupt:
             return 0
-    return asyncio.run(_produce(settings, args))
+    from stockstream.sources.finnhub.api import FinnhubAuthError
+
+    try:
+        return asyncio.run(_produce(settings, args))
+    except FinnhubAuthError as exc:  # a bad key, or one that may see none of the symbols
+        print(f"stockstream produce: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -231,7 +231,8 @@ PRODUCER_DELIVERY_SECONDS = Histogram(
 SOURCE_REQUESTS = Counter(
     "stockstream_source_requests_total",
     "HTTP calls of the sources to their API, by outcome (ok, unknown_symbol, malformed,"
-    " rate_limited, server_error, timeout, connection_error, client_error, auth_error)",
+    " rate_limited, server_error, timeout, connection_error, client_error, auth_error,"
+    " no_access)",
     ["source", "outcome"],
     registry=REGISTRY,
 )
@@ -243,14 +244,21 @@ SOURCE_QUOTES = Counter(
 )
 SOURCE_SKIPPED = Counter(
     "stockstream_source_skipped_total",
-    "Polls or trades that produced no quote, by reason (unchanged, unknown_symbol, malformed,"
-    " failed = retries exhausted; see stockstream_source_cache_total for wait_timeout)",
+    "Polls or trades that produced no quote, by reason (unchanged, unknown_symbol, no_access,"
+    " malformed, failed = retries exhausted; see stockstream_source_cache_total for"
+    " wait_timeout)",
     ["source", "reason"],
     registry=REGISTRY,
 )
 SOURCE_UNKNOWN_SYMBOLS = Counter(
     "stockstream_source_unknown_symbols_total",
     "Configured symbols the API does not know (counted once per symbol)",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_DENIED_SYMBOLS = Gauge(
+    "stockstream_source_denied_symbols",
+    "Configured symbols the API key may not see (HTTP 401/403 'no access'), skipped and re-checked",
     ["source"],
     registry=REGISTRY,
 )
@@ -282,6 +290,46 @@ SOURCE_MESSAGES = Counter(
     "stockstream_source_messages_total",
     "Websocket messages received, by type (trade, ping, error, malformed, other)",
     ["source", "type"],
+    registry=REGISTRY,
+)
+SOURCE_WS_SHORT_CONNECTIONS = Counter(
+    "stockstream_source_ws_short_connections_total",
+    "Websocket connections the server closed shortly after they opened (Finnhub drops the"
+    " older connection of a key when another one opens)",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_WS_KEY_CONFLICTS = Counter(
+    "stockstream_source_ws_key_conflicts_total",
+    "Reconnect storms detected: connections closed by the server shortly after opening,"
+    " repeatedly, i.e. another connection uses the API key (Finnhub allows one per key)",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_WS_UNSUBSCRIBED = Gauge(
+    "stockstream_source_ws_unsubscribed_symbols",
+    "Configured symbols not subscribed because they are beyond FINNHUB_WS_MAX_SYMBOLS",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_WS_REFUSED = Counter(
+    "stockstream_source_ws_subscriptions_refused_total",
+    "'Subscribing to too many symbols' errors: Finnhub refused a subscription (the real cap"
+    " is below FINNHUB_WS_MAX_SYMBOLS)",
+    ["source"],
+    registry=REGISTRY,
+)
+SOURCE_WS_LEASE_HELD = Gauge(
+    "stockstream_source_ws_lease_held",
+    "1 while this replica holds the Finnhub socket lease in Redis, 0 otherwise",
+    registry=REGISTRY,
+)
+SOURCE_WS_LEASE = Counter(
+    "stockstream_source_ws_lease_total",
+    "Finnhub socket lease events, by outcome (acquired, lost = another replica holds it,"
+    " released, standby = waiting for the holder, redis_error, unleased = connected without"
+    " the lease because Redis stayed unreachable)",
+    ["outcome"],
     registry=REGISTRY,
 )
 SOURCE_CACHE = Counter(

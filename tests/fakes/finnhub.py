@@ -4,13 +4,21 @@ It speaks the documented API on 127.0.0.1 (a free port), so the real sources run
 unchanged, through their real aiohttp client code:
 
 - `GET /api/v1/quote?symbol=S` with the key as `token=` query parameter or `X-Finnhub-Token`
-  header (HTTP 401 `{"error": "Invalid API key"}` without it or with a wrong one). A symbol set
+  header (HTTP 401 `{"error": "Invalid API key."}` without it or with a wrong one). A symbol
+  outside the key's plan (`deny`) answers 403 (or 401) `{"error": "You don't have access to
+  this resource."}`; 429s carry Finnhub's JSON or plain-text body; with `rate_limit` set,
+  answers carry `X-Ratelimit-*` headers; `set_legacy_quote` answers without `d`/`dp`. A symbol set
   with `set_quote` answers `{c, d, dp, h, l, o, pc, t}` (`t` in epoch seconds, like Finnhub);
   any other symbol answers like Finnhub does for an unknown one:
   `{"c": 0, "d": null, "dp": null, "h": 0, "l": 0, "o": 0, "pc": 0, "t": 0}`.
 - the trades websocket at `/` (`ws_url`, `?token=`; handshake refused with HTTP 401 without
   the right token): records `subscribe`/`unsubscribe` messages; `push_trades`, `ping`,
-  `send_ws` and `drop_ws` drive it from the test.
+  `send_ws` and `drop_ws` drive it from the test. Unkind like Finnhub: one connection per
+  token (a new one gets the older ones closed: `ws_kicked`, `ws_max_open` counts concurrent
+  connections per token; `one_ws_per_token=False` lifts it) and at most `ws_max_symbols`
+  (50) subscriptions per connection (each one beyond is answered
+  `{"type": "error", "msg": "Subscribing to too many symbols"}` and gets nothing).
+  `trade(..., conditions=None)` sends `"c": null` like crypto and forex trades.
 
 Usage::
 
@@ -47,6 +55,10 @@ from stockstream.settings import FinnhubSettings, Secret
 
 TOKEN = "fake-finnhub-key-7c1e0b9a"
 UNKNOWN_ANSWER = {"c": 0, "d": None, "dp": None, "h": 0, "l": 0, "o": 0, "pc": 0, "t": 0}
+# Bodies as the real API sends them (tests/data/finnhub/recorded.json).
+INVALID_KEY = {"error": "Invalid API key."}
+NO_ACCESS = {"error": "You don't have access to this resource."}
+LIMIT_REACHED = "API limit reached. Please try again later. Remaining Limit: 0"
 
 
 @dataclass(frozen=True)
@@ -63,10 +75,13 @@ class Fault:
         return cls(status=status)
 
     @classmethod
-    def rate_limited(cls, retry_after: float | str | None = None) -> Fault:
-        """HTTP 429, with `Retry-After: <retry_after>` when given."""
+    def rate_limited(cls, retry_after: float | str | None = None, *, text: bool = False) -> Fault:
+        """HTTP 429, with `Retry-After: <retry_after>` when given; the body is Finnhub's JSON
+        `{"error": "API limit reached..."}`, or the same message as plain text (`text`), both
+        recorded from the real API."""
         headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
-        return cls(status=429, headers=headers)
+        body = LIMIT_REACHED.encode() if text else json.dumps({"error": LIMIT_REACHED}).encode()
+        return cls(status=429, headers=headers, body=body)
 
     @classmethod
     def slow(cls, seconds: float) -> Fault:
@@ -102,6 +117,10 @@ class WsClient:
     subscribed: list[str] = field(default_factory=list)  # current subscriptions, in order
     received: list[Any] = field(default_factory=list)  # every message the client sent
     closed: bool = False
+    token: str = ""
+    opened_at: float = 0.0  # time.monotonic() when the handshake completed
+    closed_at: float | None = None  # time.monotonic() when the connection ended
+    kicked: bool = False  # closed by the fake because a newer connection used its token
 
 
 def max_in_window(times: Iterable[float], window: float) -> int:
@@ -116,15 +135,34 @@ def max_in_window(times: Iterable[float], window: float) -> int:
 
 
 def trade(
-    symbol: str, price: float, t_ms: int, volume: float = 100.0, conditions: Iterable[str] = ()
+    symbol: str,
+    price: float,
+    t_ms: int,
+    volume: float = 100.0,
+    conditions: Iterable[str] | None = (),
 ) -> dict[str, Any]:
-    """One entry of a trade message, as Finnhub sends it."""
-    return {"s": symbol, "p": price, "t": t_ms, "v": volume, "c": list(conditions)}
+    """One entry of a trade message, as Finnhub sends it: `conditions=None` is `"c": null`
+    (crypto, forex); a volume may be 0 or fractional."""
+    codes = None if conditions is None else list(conditions)
+    return {"s": symbol, "p": price, "t": t_ms, "v": volume, "c": codes}
 
 
 class FakeFinnhub:
-    def __init__(self, *, token: str = TOKEN, auto_advance: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        token: str = TOKEN,
+        auto_advance: bool = False,
+        ws_max_symbols: int = 50,
+        one_ws_per_token: bool = True,
+    ) -> None:
         self.token = token
+        self.ws_max_symbols = ws_max_symbols
+        self.one_ws_per_token = one_ws_per_token
+        self.ws_open: dict[str, int] = {}  # token -> connections open now
+        self.ws_max_open: dict[str, int] = {}  # token -> most connections open at once
+        self.ws_kicked = 0  # connections closed because a newer one used the same token
+        self._kicks: set[asyncio.Task[Any]] = set()
         self.auto_advance = auto_advance
         self.quotes: dict[str, dict[str, Any]] = {}
         self.requests: list[QuoteRequest] = []
@@ -132,6 +170,12 @@ class FakeFinnhub:
         self.ws_handshakes: list[tuple[float, int]] = []  # (monotonic time, status answered)
         self._faults: list[tuple[str | None, Fault]] = []
         self._ws_rejects: list[int] = []
+        self.denied: dict[str, int] = {}  # symbol -> 401 or 403 with Finnhub's "no access"
+        # (limit per window, window seconds): answers carry X-Ratelimit-* headers when set.
+        self.rate_limit: tuple[int, float] | None = None
+        self._window_start = 0.0
+        self._window_calls = 0
+        self.over_limit = 0  # calls beyond `rate_limit` in their window
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -153,6 +197,8 @@ class FakeFinnhub:
         return self
 
     async def stop(self) -> None:
+        if self._kicks:
+            await asyncio.wait(self._kicks, timeout=2.0)
         for client in self.ws_clients:
             if not client.ws.closed:
                 with contextlib.suppress(Exception):
@@ -230,6 +276,16 @@ class FakeFinnhub:
         q["d"] = round(q["c"] - q["pc"], 4)
         q["dp"] = round(100 * q["d"] / q["pc"], 4) if q["pc"] else None
 
+    def deny(self, symbol: str, status: int = 403) -> None:
+        """The key may not see `symbol` (outside its plan): Finnhub answers 403, some days 401,
+        with `{"error": "You don't have access to this resource."}`."""
+        self.denied[symbol] = status
+
+    def set_legacy_quote(self, symbol: str, price: float, *, t: int | None = None) -> None:
+        """A quote shaped like answers recorded before Finnhub added `d`/`dp`."""
+        quote = self.set_quote(symbol, price, t=t)
+        del quote["d"], quote["dp"]
+
     def forget(self, symbol: str) -> None:
         """Make `symbol` unknown again (answers c=0, t=0)."""
         self.quotes.pop(symbol, None)
@@ -275,7 +331,8 @@ class FakeFinnhub:
 
     async def _quote_response(self, record: QuoteRequest, symbol: str | None) -> web.Response:
         if record.auth in ("missing", "wrong"):
-            return web.json_response({"error": "Invalid API key"}, status=401)
+            return web.json_response(INVALID_KEY, status=401)
+        headers = self._rate_limit_headers()
         fault = record.fault = self._next_fault(symbol)
         if fault is not None:
             if fault.delay:
@@ -285,7 +342,9 @@ class FakeFinnhub:
                     body=fault.body,
                     status=fault.status,
                     headers=fault.headers,
-                    content_type="application/json",
+                    content_type=(
+                        "application/json" if fault.body[:1] in (b"{", b"[") else "text/plain"
+                    ),
                 )
             if fault.status != 200:
                 return web.json_response(
@@ -295,11 +354,30 @@ class FakeFinnhub:
                 )
         if not symbol:
             return web.json_response({"error": "Wrong symbol"}, status=422)
+        if symbol in self.denied:
+            return web.json_response(NO_ACCESS, status=self.denied[symbol], headers=headers)
         if symbol not in self.quotes:
-            return web.json_response(UNKNOWN_ANSWER)
-        if self.auto_advance:
+            return web.json_response(UNKNOWN_ANSWER, headers=headers)
+        if self.auto_advance and "d" in self.quotes[symbol]:
             self.advance(symbol)
-        return web.json_response(self.quotes[symbol])
+        return web.json_response(self.quotes[symbol], headers=headers)
+
+    def _rate_limit_headers(self) -> dict[str, str]:
+        """X-Ratelimit-Limit/-Remaining/-Reset (epoch seconds) of a fixed window, if enabled."""
+        if self.rate_limit is None:
+            return {}
+        limit, window = self.rate_limit
+        now = time.time()
+        if now >= self._window_start + window:
+            self._window_start, self._window_calls = now, 0
+        self._window_calls += 1
+        if self._window_calls > limit:
+            self.over_limit += 1
+        return {
+            "X-Ratelimit-Limit": str(limit),
+            "X-Ratelimit-Remaining": str(max(0, limit - self._window_calls)),
+            "X-Ratelimit-Reset": str(int(self._window_start + window) + 1),
+        }
 
     # -- websocket ---------------------------------------------------------------------------
 
@@ -317,9 +395,22 @@ class FakeFinnhub:
             return web.json_response({"error": "fake handshake fault"}, status=status)
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
+        token = request.query["token"]
         self.ws_handshakes.append((time.monotonic(), 101))
-        client = WsClient(ws=ws, request=request)
+        client = WsClient(ws=ws, request=request, token=token, opened_at=time.monotonic())
         self.ws_clients.append(client)
+        self.ws_open[token] = self.ws_open.get(token, 0) + 1
+        self.ws_max_open[token] = max(self.ws_max_open.get(token, 0), self.ws_open[token])
+        if self.one_ws_per_token:
+            # Finnhub drops the older connection of a key within about a second; the close
+            # code it uses is not documented, so a plain one.
+            for older in self.open_clients:
+                if older is not client and older.token == token:
+                    older.kicked = True
+                    self.ws_kicked += 1
+                    kick = asyncio.create_task(older.ws.close(code=1000, message=b"replaced"))
+                    self._kicks.add(kick)
+                    kick.add_done_callback(self._kicks.discard)
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.TEXT:
@@ -332,7 +423,13 @@ class FakeFinnhub:
                 kind = data.get("type") if isinstance(data, dict) else None
                 symbol = data.get("symbol") if isinstance(data, dict) else None
                 if kind == "subscribe" and isinstance(symbol, str):
-                    if symbol not in client.subscribed:
+                    if symbol in client.subscribed:
+                        continue
+                    if len(client.subscribed) >= self.ws_max_symbols:
+                        await ws.send_json(
+                            {"type": "error", "msg": "Subscribing to too many symbols"}
+                        )
+                    else:
                         client.subscribed.append(symbol)
                 elif kind == "unsubscribe" and isinstance(symbol, str):
                     if symbol in client.subscribed:
@@ -341,6 +438,8 @@ class FakeFinnhub:
                     await ws.send_json({"type": "error", "msg": "Invalid message"})
         finally:
             client.closed = True
+            client.closed_at = time.monotonic()
+            self.ws_open[token] -= 1
         return ws
 
     @property

@@ -26,6 +26,7 @@ from stockstream.settings import Secret
 from stockstream.sources.finnhub.api import (
     MAX_RETRY_AFTER_SECONDS,
     FinnhubAuthError,
+    FinnhubNoAccess,
     MalformedAnswer,
     parse_retry_after,
     redact,
@@ -348,12 +349,131 @@ async def test_rejected_key_stops_the_source_without_showing_the_key(
         assert secret not in text
 
 
-async def test_403_is_an_auth_error(fake: FakeFinnhub) -> None:
+async def test_a_403_that_names_neither_before_the_key_worked_is_a_key_error(
+    fake: FakeFinnhub,
+) -> None:
     fake.script(Fault.error(403))
     source = FinnhubQuoteSource(fake.settings())
     with pytest.raises(FinnhubAuthError, match="403"):
         await source.fetch("AAPL")
     await source.close()
+
+
+async def test_the_real_invalid_key_answer_stops_the_source_and_says_so(fake: FakeFinnhub) -> None:
+    source = FinnhubQuoteSource(fake.settings(api_key=Secret("not-the-key")))
+    with pytest.raises(FinnhubAuthError) as raised:
+        await source.fetch("AAPL")
+    await source.close()
+    assert "Invalid API key." in str(raised.value) and "FINNHUB_API_KEY" in str(raised.value)
+
+
+# -- entitlements: a symbol outside the key's plan ---------------------------------------------
+
+
+async def test_a_symbol_outside_the_plan_is_skipped_once_reported_and_the_rest_keep_polling(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with FakeFinnhub(auto_advance=True) as fake:
+        for symbol in ("AAPL", "OANDA:EUR_USD", "BINANCE:BTCUSDT"):
+            fake.set_quote(symbol, 100.0, t=T0)
+        fake.deny("SBIN.NS", 403)
+        fake.deny("MOWI.OL", 401)  # Finnhub answers some days 401 for the same thing
+        symbols = ("AAPL", "SBIN.NS", "OANDA:EUR_USD", "MOWI.OL", "BINANCE:BTCUSDT")
+        skipped = metric("stockstream_source_skipped_total", source=SRC, reason="no_access")
+        source = FinnhubQuoteSource(fake.settings(symbols=symbols, poll_interval_seconds=0.1))
+        async with polling(source) as got:
+            await fake.wait_until(lambda: len(fake.calls("AAPL")) >= 4)
+        assert {q.symbol for q in got} == {"AAPL", "OANDA:EUR_USD", "BINANCE:BTCUSDT"}
+        # Asked once, then left alone until the re-check (an hour by default).
+        assert len(fake.calls("SBIN.NS")) == 1 and len(fake.calls("MOWI.OL")) == 1
+        assert source.denied == {"SBIN.NS", "MOWI.OL"}
+    assert metric("stockstream_source_denied_symbols", source=SRC) == 2
+    assert metric("stockstream_source_skipped_total", source=SRC, reason="no_access") > skipped + 2
+    warned = [r for r in caplog.records if "no access to this symbol" in r.getMessage()]
+    assert sorted(r.__dict__["symbol"] for r in warned) == ["MOWI.OL", "SBIN.NS"]  # once each
+
+
+async def test_a_denied_symbol_is_asked_again_and_comes_back(fake: FakeFinnhub) -> None:
+    fake.set_quote("AAPL", 190.0, t=T0)
+    fake.deny("SBIN.NS")
+    source = FinnhubQuoteSource(fake.settings(denied_recheck_seconds=0.2))
+    assert await source.fetch("SBIN.NS") is None
+    assert await source.fetch("SBIN.NS") is None  # within the re-check: not asked
+    assert len(fake.calls("SBIN.NS")) == 1
+    del fake.denied["SBIN.NS"]
+    fake.set_quote("SBIN.NS", 800.0, t=T0)
+    await asyncio.sleep(0.25)
+    quote = await source.fetch("SBIN.NS")
+    await source.close()
+    assert quote is not None and quote.current_price == 800.0
+    assert source.denied == frozenset()
+    assert metric("stockstream_source_denied_symbols", source=SRC) == 0
+
+
+async def test_an_unrecognised_403_after_the_key_worked_only_skips_that_symbol(
+    fake: FakeFinnhub,
+) -> None:
+    fake.set_quote("AAPL", 190.0, t=T0)
+    source = FinnhubQuoteSource(fake.settings())
+    assert await source.fetch("AAPL") is not None  # the key works
+    fake.script(Fault.answer({"error": "Market data subscription required."}, status=403))
+    fake.script(Fault.error(403))
+    assert await source.fetch("^GSPC") is None
+    assert await source.fetch("OANDA:XAU_USD") is None
+    await source.close()
+    assert source.denied == {"^GSPC", "OANDA:XAU_USD"}
+
+
+async def test_a_key_that_may_see_none_of_the_symbols_stops_with_a_clear_message(
+    fake: FakeFinnhub,
+) -> None:
+    for symbol in ("SBIN.NS", "SBERP.ME"):
+        fake.deny(symbol)
+    source = FinnhubQuoteSource(fake.settings(symbols=("SBIN.NS", "SBERP.ME")))
+    with pytest.raises(FinnhubNoAccess, match="no access to any of STOCK_SYMBOLS") as raised:
+        async with polling(source):
+            await fake.wait_until(lambda: len(fake.requests) >= 2)
+            await asyncio.sleep(0.1)
+    assert "SBIN.NS, SBERP.ME" in str(raised.value)
+
+
+# -- answers as the real API gives them --------------------------------------------------------
+
+
+async def test_an_answer_without_d_and_dp_is_a_quote_not_malformed(
+    fake: FakeFinnhub, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    fake.set_legacy_quote("AAPL", 112.28, t=1_601_197_570)
+    source = FinnhubQuoteSource(fake.settings())
+    quote = await source.fetch("AAPL")
+    await source.close()
+    assert quote is not None and quote.current_price == 112.28
+    assert quote.change_amount is None and quote.change_percent is None
+    assert not [r for r in caplog.records if "malformed" in r.getMessage()]
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["json-body", "plain-text-body"])
+async def test_both_429_bodies_pause_and_retry(fake: FakeFinnhub, text: bool) -> None:
+    fake.set_quote("AAPL", 190.5, t=T0)
+    fake.script(Fault.rate_limited(retry_after=0.1, text=text))
+    source = FinnhubQuoteSource(fake.settings())
+    assert await source.fetch("AAPL") is not None
+    await source.close()
+    assert [r.status for r in fake.requests] == [429, 200]
+
+
+async def test_remaining_calls_headers_pace_the_requests(fake: FakeFinnhub) -> None:
+    fake.set_quote("AAPL", 190.5, t=T0)
+    fake.rate_limit = (2, 1.0)  # 2 calls per 1-second window, announced in the headers
+    source = FinnhubQuoteSource(fake.settings())
+    started = time.monotonic()
+    for _ in range(5):
+        assert await source.fetch("AAPL") is not None
+    await source.close()
+    assert fake.over_limit == 0  # never more calls in a window than the headers allowed
+    assert time.monotonic() - started >= 1.0
 
 
 def test_missing_key_is_refused_up_front() -> None:
@@ -433,6 +553,8 @@ def test_redact() -> None:
 def test_validate_answer() -> None:
     answer = {"c": 1.0, "d": None, "dp": None, "h": 1.0, "l": 1.0, "o": 1.0, "pc": 1.0, "t": 5}
     assert validate_answer(answer) == answer
+    legacy = {k: v for k, v in answer.items() if k not in ("d", "dp")}
+    assert validate_answer(legacy) == answer
     bad: Any
     for bad in ([], {**answer, "t": True}, {**answer, "h": "1"}, {**answer, "t": 1.5}):
         with pytest.raises(MalformedAnswer):

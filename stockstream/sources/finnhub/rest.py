@@ -7,7 +7,16 @@
 - Timeouts (FINNHUB_TIMEOUT_SECONDS), connection errors and 5xx are retried up to
   FINNHUB_MAX_RETRIES times with exponential backoff and jitter; after that the symbol is
   skipped for this poll. Other 4xx are skipped without retry.
-- 401/403 raise `FinnhubAuthError`, which stops the source: a bad key does not heal itself.
+- 401/403 are told apart by their body (Finnhub answers both for two different things):
+  "You don't have access to this resource." (or a plan/subscription message) means the key
+  may not see *this symbol* (e.g. SBIN.NS on a free key): it is reported once (warning,
+  `stockstream_source_denied_symbols`), skipped and asked again every
+  FINNHUB_DENIED_RECHECK_SECONDS, the other symbols keep polling. "Invalid API key." raises
+  `FinnhubAuthError`, which stops the source: a bad key does not heal itself. A body that says
+  neither counts as a symbol denial once the key has been seen to work, else as a bad key.
+  When every configured symbol is denied, `FinnhubNoAccess` stops the source.
+- `X-Ratelimit-Remaining` / `X-Ratelimit-Reset` (epoch seconds), when Finnhub sends them, pace
+  the calls: what remains of the budget is spread over the time left until the reset.
 - An unknown symbol (Finnhub answers `c=0, t=0`) is reported once (warning + metric) and
   skipped on every poll; a zero price never reaches the stream. A malformed answer (not JSON,
   not an object, a field missing or of the wrong type) is logged, counted and skipped.
@@ -26,7 +35,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -35,6 +44,7 @@ from yarl import URL
 
 from stockstream.contracts.quotes import Quote, Source
 from stockstream.metrics import (
+    SOURCE_DENIED_SYMBOLS,
     SOURCE_QUOTES,
     SOURCE_RATE_LIMIT_WAIT,
     SOURCE_RATE_LIMITED,
@@ -45,9 +55,13 @@ from stockstream.metrics import (
 )
 from stockstream.settings import FinnhubSettings, SettingsError
 from stockstream.sources.finnhub.api import (
+    MAX_RETRY_AFTER_SECONDS,
     FinnhubAuthError,
     FinnhubClient,
+    FinnhubNoAccess,
     MalformedAnswer,
+    denial_kind,
+    error_text,
     is_unknown_symbol,
     now_ms,
     parse_retry_after,
@@ -84,6 +98,9 @@ class FinnhubQuoteSource(FinnhubClient):
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_seconds)
         self._consecutive_429 = 0
         self._unknown: set[str] = set()
+        # Symbols the key may not see -> when to ask again (time.monotonic()).
+        self._denied: dict[str, float] = {}
+        self._key_works = False
         self._last_sent: dict[str, int] = {}
 
     def __repr__(self) -> str:
@@ -100,6 +117,10 @@ class FinnhubQuoteSource(FinnhubClient):
 
         Raises FinnhubAuthError when the key is rejected.
         """
+        recheck_at = self._denied.get(symbol)
+        if recheck_at is not None and time.monotonic() < recheck_at:
+            SOURCE_SKIPPED.labels(SOURCE, "no_access").inc()
+            return None
         if self._cache is not None:
             raw = await self._cache.get_or_fetch(symbol, lambda: self._call_encoded(symbol))
             if raw is None:
@@ -134,7 +155,33 @@ class FinnhubQuoteSource(FinnhubClient):
         if symbol in self._unknown:
             self._unknown.discard(symbol)
             log.info("symbol is known again", extra={"symbol": symbol, "source": SOURCE})
+        if self._denied.pop(symbol, None) is not None:
+            SOURCE_DENIED_SYMBOLS.labels(SOURCE).set(len(self._denied))
+            log.info("the key has access to this symbol again", extra={"symbol": symbol})
         return quote
+
+    @property
+    def denied(self) -> frozenset[str]:
+        """Configured symbols the key may not see (as of their last check)."""
+        return frozenset(self._denied)
+
+    def _deny(self, symbol: str, status: int, text: str) -> None:
+        recheck = self._settings.denied_recheck_seconds
+        if symbol not in self._denied:
+            log.warning(
+                "the Finnhub key has no access to this symbol (not in its plan); skipping it,"
+                " the other symbols keep polling",
+                extra={
+                    "symbol": symbol,
+                    "source": SOURCE,
+                    "status": status,
+                    "detail": redact(text, self._key)[:200],
+                    "recheck_seconds": recheck,
+                },
+            )
+        self._denied[symbol] = time.monotonic() + recheck
+        SOURCE_DENIED_SYMBOLS.labels(SOURCE).set(len(self._denied))
+        SOURCE_SKIPPED.labels(SOURCE, "no_access").inc()
 
     def _malformed(self, symbol: str, detail: str) -> None:
         SOURCE_SKIPPED.labels(SOURCE, "malformed").inc()
@@ -169,10 +216,12 @@ class FinnhubQuoteSource(FinnhubClient):
                     self._url, params={"symbol": symbol}, headers=headers, timeout=self._timeout
                 ) as resp:
                     status = resp.status
+                    self._pace(resp.headers)
                     if status == 200:
                         body = await resp.read()
                         fetched_at = now_ms()
                         self._consecutive_429 = 0
+                        self._key_works = True
                         try:
                             answer = validate_answer(orjson.loads(body))
                         except (orjson.JSONDecodeError, MalformedAnswer) as exc:
@@ -184,8 +233,17 @@ class FinnhubQuoteSource(FinnhubClient):
                         SOURCE_REQUESTS.labels(SOURCE, outcome).inc()
                         return answer, fetched_at
                     if status in (401, 403):
+                        text = error_text(await resp.read())
+                        kind = denial_kind(text)
+                        if kind == "no_access" or (kind is None and self._key_works):
+                            SOURCE_REQUESTS.labels(SOURCE, "no_access").inc()
+                            self._deny(symbol, status, text)
+                            return None
                         SOURCE_REQUESTS.labels(SOURCE, "auth_error").inc()
-                        raise FinnhubAuthError.rejected(f"HTTP {status} from {self._path}")
+                        shown = redact(text, self._key)[:120]
+                        raise FinnhubAuthError.rejected(
+                            f"HTTP {status} from {self._path} ({shown!r})"
+                        )
                     if status == 429:
                         reason = "rate_limited"
                         self._rate_limited(symbol, resp.headers.get("Retry-After"))
@@ -238,6 +296,19 @@ class FinnhubQuoteSource(FinnhubClient):
             )
             if delay > 0:
                 await asyncio.sleep(delay)
+
+    def _pace(self, headers: Mapping[str, str]) -> None:
+        """Spread the budget Finnhub says is left over the time until it resets."""
+        try:
+            remaining = int(headers["X-Ratelimit-Remaining"])
+            reset = float(headers["X-Ratelimit-Reset"])
+        except (KeyError, ValueError):
+            return
+        # Epoch seconds, as Finnhub sends it; a small number is read as seconds from now.
+        left = reset - time.time() if reset > 1_000_000_000 else reset
+        if not 0 < left <= MAX_RETRY_AFTER_SECONDS:
+            return
+        self._limiter.penalize(left if remaining <= 0 else left / (remaining + 1))
 
     def _rate_limited(self, symbol: str, retry_after_header: str | None) -> None:
         """HTTP 429: pause the shared limiter, so every call waits, not only this one."""
@@ -296,6 +367,11 @@ class FinnhubQuoteSource(FinnhubClient):
                     next_at += slot
                     quote = await self.fetch(symbol)
                     if quote is None:
+                        if self._denied.keys() >= set(symbols):
+                            raise FinnhubNoAccess(
+                                "the Finnhub API key has no access to any of STOCK_SYMBOLS"
+                                f" ({', '.join(symbols)}): check the key's plan or the symbols"
+                            )
                         continue
                     last = self._last_sent.get(symbol)
                     if last is not None and quote.market_timestamp <= last:

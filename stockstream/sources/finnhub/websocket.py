@@ -17,6 +17,29 @@ new connection delivers a message), and every symbol is subscribed again. A hand
 with HTTP 401/403 raises `FinnhubAuthError`. The token must be in the URL's query here, and
 aiohttp errors quote the URL: everything logged goes through `redact`. Trade entries are
 checked and mapped by `api.trade_to_quote`.
+
+Finnhub's limits, which its documentation hardly mentions:
+
+- **One websocket per API key.** A second connection on the key gets the older one closed
+  within about a second. Two replicas (or another program) on one key knock each other off
+  in a reconnect storm, each connection living a moment. A connection the server ends within
+  `short_connection_seconds` (5 s) of opening is counted
+  (`stockstream_source_ws_short_connections_total`); `storm_after` (3) of them in a row are
+  taken as another client on the key: one error line says so
+  (`stockstream_source_ws_key_conflicts_total`), and until a connection lives longer the
+  pause before reconnecting is drawn from `storm_backoff` (5 s doubling to 60 s, jittered)
+  instead of the usual backoff, so that the other client gets the socket rather than a
+  tight fight over it. Replicas avoid the storm altogether by sharing a `SocketLease`
+  (socket_lease.py; used when REDIS_URL is set): only the lease holder connects, and it
+  closes its socket at once if it loses the lease.
+- **About 50 symbols per connection.** Beyond the cap Finnhub answers
+  `{"type": "error", "msg": "Subscribing to too many symbols"}` per refused subscription,
+  without naming the symbol, and those symbols get nothing. Only the first
+  FINNHUB_WS_MAX_SYMBOLS (50) configured symbols are subscribed; the others are named in one
+  error line at start and counted in `stockstream_source_ws_unsubscribed_symbols`. If
+  Finnhub's cap is lower still, each refusal is counted
+  (`stockstream_source_ws_subscriptions_refused_total`) and logged with the symbols
+  subscribed last: the n-th refusal of a connection most likely concerns the last n sent.
 """
 
 from __future__ import annotations
@@ -24,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -35,7 +59,12 @@ from stockstream.metrics import (
     SOURCE_QUOTES,
     SOURCE_RECONNECTS,
     SOURCE_SKIPPED,
+    SOURCE_WS_KEY_CONFLICTS,
+    SOURCE_WS_REFUSED,
+    SOURCE_WS_SHORT_CONNECTIONS,
+    SOURCE_WS_UNSUBSCRIBED,
 )
+from stockstream.retry import Backoff
 from stockstream.settings import FinnhubSettings, SettingsError
 from stockstream.sources.finnhub.api import (
     FinnhubAuthError,
@@ -45,10 +74,15 @@ from stockstream.sources.finnhub.api import (
     redact,
     trade_to_quote,
 )
+from stockstream.sources.finnhub.socket_lease import SocketLease
 
 log = logging.getLogger(__name__)
 
 SOURCE = Source.FINNHUB_TRADE.value
+TOO_MANY_SYMBOLS = "Subscribing to too many symbols"
+KEY_CONFLICT = "another connection uses this API key; Finnhub allows one per key"
+# How many symbols a log line names at most (a refusal's suspects, the unsubscribed ones).
+_NAMED = 50
 
 
 class FinnhubTradeSource(FinnhubClient):
@@ -59,14 +93,46 @@ class FinnhubTradeSource(FinnhubClient):
         session: aiohttp.ClientSession | None = None,
         heartbeat_seconds: float | None = None,
         rng: random.Random | None = None,
+        lease: SocketLease | None = None,
+        short_connection_seconds: float = 5.0,
+        storm_after: int = 3,
+        storm_backoff: Backoff | None = None,
     ) -> None:
-        """`heartbeat_seconds` defaults to FINNHUB_TIMEOUT_SECONDS."""
+        """`heartbeat_seconds` defaults to FINNHUB_TIMEOUT_SECONDS. With a `lease` the source
+        connects only while it holds it; the lease is released when the stream ends, and
+        closed by its owner."""
         super().__init__(settings, session=session, rng=rng)
         if not settings.symbols:
             raise SettingsError("STOCK_SYMBOLS is empty: nothing to subscribe to")
+        if storm_after < 1:
+            raise ValueError(f"storm_after must be >= 1, got {storm_after}")
         self._heartbeat = heartbeat_seconds or settings.timeout_seconds
         self._shown_url = redact(settings.ws_url, self._key)
+        self._lease = lease
+        self._short = short_connection_seconds
+        self._storm_after = storm_after
+        self._storm_backoff = storm_backoff or Backoff(5.0, 60.0)
         self.connections = 0  # successful connections so far (1 + reconnections)
+        self.storms = 0  # reconnect storms detected (another client on the key)
+        wanted = list(dict.fromkeys(settings.symbols))
+        self.symbols = tuple(wanted[: settings.ws_max_symbols])
+        self.unsubscribed = tuple(wanted[settings.ws_max_symbols :])
+        SOURCE_WS_UNSUBSCRIBED.labels(SOURCE).set(len(self.unsubscribed))
+        if self.unsubscribed:
+            log.error(
+                "more symbols than one Finnhub websocket takes: these are not subscribed",
+                extra={
+                    "source": SOURCE,
+                    "max_symbols": settings.ws_max_symbols,
+                    "unsubscribed": len(self.unsubscribed),
+                    "symbols": list(self.unsubscribed[:_NAMED]),
+                    "fix": "raise FINNHUB_WS_MAX_SYMBOLS if the plan allows more, or split"
+                    " STOCK_SYMBOLS between producers with different API keys",
+                },
+            )
+        # This connection's subscriptions, in the order sent, and its refusals so far.
+        self._sent: list[str] = []
+        self._refused = 0
 
     def __repr__(self) -> str:
         return f"FinnhubTradeSource(url={self._shown_url!r})"
@@ -81,23 +147,39 @@ class FinnhubTradeSource(FinnhubClient):
                 timeout=aiohttp.ClientWSTimeout(ws_close=settings.timeout_seconds),
             )
 
+    async def _close_when_lease_lost(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        assert self._lease is not None
+        await self._lease.wait_lost()
+        # Another replica holds the lease and is connecting: ours must go now.
+        await ws.close()
+
     async def quotes(self) -> AsyncIterator[Quote]:
         """Trades of the configured symbols as quotes, forever (reconnecting as needed)."""
         settings = self._settings
         failures = 0
+        short_streak = 0
         try:
             while True:
+                if self._lease is not None:
+                    await self._lease.acquire()
                 detail = ""
+                opened_at: float | None = None
+                watcher: asyncio.Task[None] | None = None
                 try:
                     async with await self._connect() as ws:
+                        opened_at = time.monotonic()
                         self.connections += 1
-                        for symbol in settings.symbols:
+                        if self._lease is not None:
+                            watcher = asyncio.create_task(self._close_when_lease_lost(ws))
+                        self._sent, self._refused = [], 0
+                        for symbol in self.symbols:
                             await ws.send_str(
                                 orjson.dumps({"type": "subscribe", "symbol": symbol}).decode()
                             )
+                            self._sent.append(symbol)
                         log.info(
                             "subscribed to Finnhub trades",
-                            extra={"url": self._shown_url, "symbols": len(settings.symbols)},
+                            extra={"url": self._shown_url, "symbols": len(self.symbols)},
                         )
                         async for msg in ws:
                             if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
@@ -120,7 +202,19 @@ class FinnhubTradeSource(FinnhubClient):
                     detail = f"no answer within {settings.timeout_seconds}s"
                 except aiohttp.ClientError as exc:
                     detail = self._describe(exc)
+                finally:
+                    if watcher is not None:
+                        watcher.cancel()  # not awaited: that could swallow our own cancellation
+                if self._lease is not None and self._lease.lost:
+                    continue  # logged by the lease; acquire() stands by behind the new holder
+                if opened_at is not None:
+                    short_streak = self._after_connection(opened_at, short_streak)
                 delay = self._delay(failures)
+                if short_streak >= self._storm_after:
+                    delay = max(
+                        delay,
+                        self._storm_backoff.delay(short_streak - self._storm_after, self._rng),
+                    )
                 failures += 1
                 SOURCE_RECONNECTS.labels(SOURCE).inc()
                 log.warning(
@@ -130,11 +224,37 @@ class FinnhubTradeSource(FinnhubClient):
                         "detail": detail,
                         "delay_seconds": round(delay, 3),
                         "failures": failures,
+                        "short_connections": short_streak,
                     },
                 )
                 await asyncio.sleep(delay)
         finally:
+            if self._lease is not None:
+                await self._lease.release()
             await self.close()
+
+    def _after_connection(self, opened_at: float, short_streak: int) -> int:
+        """The run of short-lived connections after this one ended; reports a storm once."""
+        lived = time.monotonic() - opened_at
+        if lived >= self._short:
+            return 0
+        short_streak += 1
+        SOURCE_WS_SHORT_CONNECTIONS.labels(SOURCE).inc()
+        if short_streak == self._storm_after:
+            self.storms += 1
+            SOURCE_WS_KEY_CONFLICTS.labels(SOURCE).inc()
+            log.error(
+                f"Finnhub keeps closing the trades websocket right after it opens: {KEY_CONFLICT}",
+                extra={
+                    "source": SOURCE,
+                    "url": self._shown_url,
+                    "short_connections": short_streak,
+                    "lived_seconds": round(lived, 3),
+                    "fix": "run one finnhub-ws producer per API key, or give the replicas"
+                    " REDIS_URL so that they take turns",
+                },
+            )
+        return short_streak
 
     def handle_message(self, data: str | bytes) -> list[Quote]:
         """The quotes in one websocket message (empty for pings, errors and garbage)."""
@@ -167,14 +287,38 @@ class FinnhubTradeSource(FinnhubClient):
             return []
         if kind == "error":
             SOURCE_MESSAGES.labels(SOURCE, "error").inc()
+            text = str(message.get("msg"))
+            if TOO_MANY_SYMBOLS.lower() in text.lower():
+                self._subscription_refused(text)
+                return []
             log.warning(
                 "Finnhub websocket error message",
-                extra={"source": SOURCE, "detail": redact(str(message.get("msg")), self._key)},
+                extra={"source": SOURCE, "detail": redact(text, self._key)},
             )
             return []
         SOURCE_MESSAGES.labels(SOURCE, "other").inc()
         log.debug("ignored Finnhub websocket message", extra={"type": str(kind)[:40]})
         return []
+
+    def _subscription_refused(self, text: str) -> None:
+        # Finnhub answers subscriptions in order and names none: the n-th refusal of this
+        # connection most likely concerns the n symbols sent last.
+        self._refused += 1
+        SOURCE_WS_REFUSED.labels(SOURCE).inc()
+        suspects = self._sent[-self._refused :] if self._sent else []
+        log.error(
+            "Finnhub refused a subscription: its symbol cap is below FINNHUB_WS_MAX_SYMBOLS",
+            extra={
+                "source": SOURCE,
+                "detail": redact(text, self._key),
+                "refused": self._refused,
+                "subscribed": len(self._sent),
+                "likely_refused": suspects[-_NAMED:],
+                "max_symbols": self._settings.ws_max_symbols,
+                "fix": "set FINNHUB_WS_MAX_SYMBOLS to at most"
+                f" {max(1, len(self._sent) - self._refused)}",
+            },
+        )
 
     def _bad_message(self, detail: str, data: str | bytes) -> list[Quote]:
         SOURCE_MESSAGES.labels(SOURCE, "malformed").inc()
