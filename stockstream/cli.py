@@ -187,15 +187,26 @@ async def _tail(settings: Settings, which: str, from_beginning: bool) -> int:
         auto_offset_reset="earliest" if from_beginning else "latest",
         isolation_level="read_committed",
     )
+    # Our own signal handling: a SIGINT that cancels the task inside aiokafka's fetch was
+    # seen to leave the process hanging on exit; a flag checked between polls cannot.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     await clients.start(consumer, settings.kafka)
     try:
-        async for record in consumer:
-            value = record.value.decode("utf-8", "replace") if record.value else None
-            print(f"{record.partition}:{record.offset}\t{value}", flush=True)
-    except asyncio.CancelledError:
-        pass
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    value = record.value.decode("utf-8", "replace") if record.value else None
+                    print(f"{record.partition}:{record.offset}\t{value}", flush=True)
     finally:
-        await consumer.stop()
+        try:
+            async with asyncio.timeout(10):
+                await consumer.stop()
+        except TimeoutError:
+            log.warning("tail: the consumer did not stop within 10 s")
     return 0
 
 
