@@ -44,6 +44,7 @@ class KafkaSettings:
     quotes_topic: str = var("KAFKA_QUOTES_TOPIC", "stock-quotes")
     aggregated_topic: str = var("KAFKA_AGGREGATED_TOPIC", "stock-quotes-aggregated")
     dlq_topic: str = var("KAFKA_DLQ_TOPIC", "stock-quotes-dlq")
+    anomalies_topic: str = var("KAFKA_ANOMALIES_TOPIC", "stock-anomalies")
     # A dead letter larger than this carries a cut original (the broker's message.max.bytes
     # and the producer's max_request_size are 1 MiB by default); keep it below both.
     dlq_max_record_bytes: int = var(
@@ -117,10 +118,45 @@ class QuoteSettings:
 
 
 @dataclass(frozen=True)
+class AnomalySettings:
+    """Real-time anomalies of the one-minute windows (agents/anomaly/)."""
+
+    enabled: bool = var("ANOMALY_ENABLED", True)
+    z_threshold: float = var("ANOMALY_Z_THRESHOLD", 3.0, _positive, "must be > 0")
+    history_windows: int = var(
+        "ANOMALY_HISTORY_WINDOWS", 60, lambda v: v >= 2, "must be >= 2 (windows of history)"
+    )
+    min_history: int = var(
+        "ANOMALY_MIN_HISTORY", 20, lambda v: v >= 2, "must be >= 2 (windows before judging)"
+    )
+    cooldown_seconds: float = var("ANOMALY_COOLDOWN_SECONDS", 300.0, _non_negative, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """Delivery of anomalies to people (alerts/): Slack-compatible webhook, PagerDuty."""
+
+    # Webhook URLs and routing keys are credentials: secrets, readable from *_FILE.
+    slack_webhook_url: Secret = var("ALERT_SLACK_WEBHOOK_URL", Secret(""))
+    pagerduty_routing_key: Secret = var("ALERT_PAGERDUTY_ROUTING_KEY", Secret(""))
+    pagerduty_url: str = var("ALERT_PAGERDUTY_URL", "https://events.pagerduty.com/v2/enqueue")
+    max_per_minute: int = var("ALERT_MAX_PER_MINUTE", 30, _positive, "must be > 0")
+    max_retries: int = var("ALERT_MAX_RETRIES", 5, _non_negative, "must be >= 0")
+    timeout_seconds: float = var("ALERT_TIMEOUT_SECONDS", 10.0, _positive, "must be > 0")
+    backoff_initial_seconds: float = var(
+        "ALERT_BACKOFF_INITIAL_SECONDS", 1.0, _positive, "must be > 0"
+    )
+    backoff_max_seconds: float = var("ALERT_BACKOFF_MAX_SECONDS", 60.0, _positive, "must be > 0")
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     app_id: str = var("STOCKSTREAM_APP_ID", "stockstream")
     web_host: str = var("STOCKSTREAM_WEB_HOST", "127.0.0.1")
     web_port: int = var("STOCKSTREAM_WEB_PORT", 6066, _port, "must be a TCP port")
+    # Required by every web endpoint that changes state or shows more than read-only views
+    # (`Authorization: Bearer <token>`); empty = those endpoints are refused.
+    web_token: Secret = var("STOCKSTREAM_WEB_TOKEN", Secret(""))
     store: str = var("STOCKSTREAM_STORE", "memory://")
     producer_linger_seconds: float = var(
         "STOCKSTREAM_PRODUCER_LINGER_SECONDS", 0.02, _non_negative, "must be >= 0"
@@ -277,6 +313,8 @@ class Settings:
     replay: ReplaySettings = field(default_factory=ReplaySettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     warehouse: WarehouseSettings = field(default_factory=WarehouseSettings)
+    anomaly: AnomalySettings = field(default_factory=AnomalySettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
 
 def load_settings(
