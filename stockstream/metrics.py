@@ -340,3 +340,32 @@ SOURCE_CACHE = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+
+# -- operator view: lag and batch timings (agents/aggregate/) ---------------------------------
+CONSUMER_LAG_RECORDS = Gauge(
+    "stockstream_consumer_lag_records",
+    "Records of an owned input partition not processed yet (high watermark - next offset)",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
+CONSUMER_LAG_SECONDS = Gauge(
+    "stockstream_consumer_lag_seconds",
+    "While a partition is behind: age of the last record processed (Kafka timestamp); 0 when"
+    " caught up",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
+WINDOW_CLOSE_LAG = Histogram(
+    "stockstream_window_close_lag_seconds",
+    "Emit acknowledged minus the time the window could close: the Kafka timestamp of the"
+    " record that moved the watermark past end + grace (or of the idle tick that flushed it)",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+AGENT_BATCH_SECONDS = Histogram(
+    "stockstream_agent_batch_seconds",
+    "Time an agent spends on one batch of records (processing, state writes, dead letters)",
+    ["agent"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)

@@ -36,6 +36,7 @@ class Message:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp: float | None = None  # seconds, as Faust's messages carry it
 
 
 @dataclass
@@ -421,3 +422,31 @@ def test_any_record_ends_in_a_window_or_in_the_dlq_with_a_reason(
         window = orjson.loads(value)
         assert window["count"] >= 1 and window["min"] <= window["max"]
         assert all(not isinstance(v, float) or math.isfinite(v) for v in window.values())
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    from stockstream.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+async def test_close_lag_batch_time_and_consumer_lag_are_measured(settings: Settings) -> None:
+    import time
+
+    broker = FakeBroker()
+    agg = make(settings, broker)
+    closes = sample("stockstream_window_close_lag_seconds_count")
+    batches = sample("stockstream_agent_batch_seconds_count", {"agent": "aggregate"})
+    lag_before = sample("stockstream_window_close_lag_seconds_sum")
+    moved = quote("AAPL", T0 + MIN + 6_000, 1)
+    moved.message.timestamp = time.time() - 2.0  # appended 2 s ago: it closes AAPL's window
+    await agg.process_batch([quote("AAPL", T0 + 1_000, 0), moved])
+    assert windows_in(broker.output) == Counter({("AAPL", T0): 1})
+    assert sample("stockstream_window_close_lag_seconds_count") == closes + 1
+    assert sample("stockstream_window_close_lag_seconds_sum") - lag_before >= 2.0
+    assert sample("stockstream_agent_batch_seconds_count", {"agent": "aggregate"}) == batches + 1
+    # The lag meter: offsets 0..1 processed, the consumer says 5 records exist.
+    agg._high_water = lambda partition: 5  # type: ignore[method-assign]
+    agg.lag._high_water = agg._high_water
+    records, seconds = agg.lag.measure({0})[0]
+    assert records == 3 and seconds >= 2.0  # the last processed record is 2 s old

@@ -24,18 +24,21 @@ from faust.types import TP
 
 from stockstream.agents.aggregate.emitter import WindowEmitter
 from stockstream.agents.aggregate.idle import EndOffset, IdleClock
+from stockstream.agents.aggregate.lag import ConsumerLag, record_seconds
 from stockstream.contracts.dead_letters import Reason
 from stockstream.contracts.quotes import ContractError, QuoteValidator
 from stockstream.deadletter import DeadLetters
 from stockstream.kafka.readback import ReadAfter, ReadRange, read_after, read_range
 from stockstream.kafka.topics import clock_topic_name
 from stockstream.metrics import (
+    AGENT_BATCH_SECONDS,
     EMIT_LATENCY,
     EVENT_LAG,
     OPEN_WINDOWS,
     QUOTES,
     STREAM_GAP_RECORDS,
     WATERMARK,
+    WINDOW_CLOSE_LAG,
     WINDOWS_EMITTED,
     WINDOWS_SUPPRESSED,
 )
@@ -49,6 +52,9 @@ log = logging.getLogger(__name__)
 READ_BACKOFF = Backoff(initial_seconds=0.5, max_seconds=30.0)
 # Labelled metric children resolved once: `.labels()` per quote shows up in profiles.
 _APPLIED, _REDELIVERED, _LATE = (QUOTES.labels(o) for o in ("applied", "redelivered", "late"))
+_BATCH_SECONDS = AGENT_BATCH_SECONDS.labels("aggregate")
+#: How often the consumer lag gauges are refreshed (seconds).
+LAG_INTERVAL_SECONDS = 5.0
 
 
 class Aggregation:
@@ -94,11 +100,13 @@ class Aggregation:
         )
         self.dead_letters = dead_letters.batch()
         self._watermarks: dict[int, Any] = {}
+        self.lag = ConsumerLag(settings.kafka.quotes_topic, self._high_water)
 
     def register(self, source: faust.ChannelT[Any]) -> None:
         """Attach the agent, the idle ticker and the revocation hook to the app."""
         self.app.agent(source, name="aggregate")(self.process)
         self.app.timer(self.conf.idle_check_seconds, name="idle-ticker")(self.idle.send_ticks)
+        self.app.timer(LAG_INTERVAL_SECONDS, name="lag-meter")(self.measure_lag)
         self.app.on_partitions_revoked.connect(self.on_partitions_revoked)  # type: ignore[arg-type]
 
     # -- the agent ---------------------------------------------------------------------
@@ -112,6 +120,13 @@ class Aggregation:
             await self.process_batch(batch)
 
     async def process_batch(self, batch: list[Any]) -> None:
+        started = time.perf_counter()
+        try:
+            await self._process_batch(batch)
+        finally:
+            _BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    async def _process_batch(self, batch: list[Any]) -> None:
         last_of_partition: dict[int, Any] = {}
         for event in batch:
             _enter(event)
@@ -130,7 +145,7 @@ class Aggregation:
         is_tick = message.topic == self._clock_topic
         try:
             if is_tick:
-                await self.handle_tick(message.partition)
+                await self.handle_tick(message.partition, record_seconds(message.timestamp))
             else:
                 await self.handle_quote(message)
         except Exception:
@@ -196,6 +211,7 @@ class Aggregation:
 
     async def _apply(self, message: Any, windows: PartitionWindows) -> None:
         partition, offset = message.partition, message.offset
+        self.lag.processed(partition, offset, message.timestamp)
         if windows.is_redelivery(offset):
             _REDELIVERED.inc()
             return
@@ -219,9 +235,11 @@ class Aggregation:
             EVENT_LAG.observe(max(0.0, now - quote.market_timestamp / 1000))
             self.state.mark_dirty(partition, outcome.window)
         self._watermark_gauge(partition).set(windows.clock.watermark_ms / 1000)
-        await self.close_windows(partition, windows, windows.closable(), "watermark")
+        await self.close_windows(
+            partition, windows, windows.closable(), "watermark", record_seconds(message.timestamp)
+        )
 
-    async def handle_tick(self, partition: int) -> None:
+    async def handle_tick(self, partition: int, since: float | None = None) -> None:
         """Close every open window of a partition that has been idle (idle.py decides)."""
         windows = await self._partition(partition)
         if not windows.open:
@@ -233,12 +251,18 @@ class Aggregation:
             "partition idle, flushing windows",
             extra={"partition": partition, "open_windows": len(windows.open), "idle_s": idle_for},
         )
-        await self.close_windows(partition, windows, windows.flush(), "idle")
+        await self.close_windows(partition, windows, windows.flush(), "idle", since)
 
     async def close_windows(
-        self, partition: int, windows: PartitionWindows, due: list[WindowAggregate], trigger: str
+        self,
+        partition: int,
+        windows: PartitionWindows,
+        due: list[WindowAggregate],
+        trigger: str,
+        since: float | None = None,
     ) -> None:
-        """Emit closed windows once, wait for the broker's ack, then checkpoint the close."""
+        """Emit closed windows once, wait for the broker's ack, then checkpoint the close.
+        `since`: when they could close (epoch seconds), for the close-lag histogram."""
         if not due:
             return
         started = time.perf_counter()
@@ -249,6 +273,8 @@ class Aggregation:
         if written:
             WINDOWS_EMITTED.labels(trigger).inc(written)
             EMIT_LATENCY.observe(time.perf_counter() - started)
+            if since is not None:
+                WINDOW_CLOSE_LAG.observe(max(0.0, time.time() - since))
         clock.emitted_offset = self.emitter.checkpointed(
             partition, due, windows.open, clock.emitted_offset, highest
         )
@@ -292,6 +318,14 @@ class Aggregation:
         self.state.forget(partitions)
         self.emitter.forget(partitions)
         self.idle.forget(partitions)
+        self.lag.forget(partitions)
+
+    async def measure_lag(self) -> None:
+        self.lag.measure(self._owned_partitions())
+
+    def _high_water(self, partition: int) -> int | None:
+        highwater = self.app.consumer.highwater(TP(self.settings.kafka.quotes_topic, partition))
+        return None if highwater is None else int(highwater)
 
     def _owned_partitions(self) -> set[int]:
         quotes = self.settings.kafka.quotes_topic
