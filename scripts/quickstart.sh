@@ -36,8 +36,9 @@ done
 cat <<MSG
 
 stockstream is running.
-  web view      http://127.0.0.1:$WEB_PORT/windows/            open windows per partition
-                http://127.0.0.1:$WEB_PORT/table/window-state/  Faust table view
+  web view      http://127.0.0.1:$WEB_PORT/                    index: symbols, partitions, windows
+  live chart    http://127.0.0.1:$WEB_PORT/chart/              one-minute candles, anomalies marked
+                http://127.0.0.1:$WEB_PORT/windows/            open windows per partition
   metrics       http://127.0.0.1:$WEB_PORT/metrics/
   health        http://127.0.0.1:$WEB_PORT/health/  /ready/
   worker log    $LOG

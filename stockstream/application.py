@@ -7,7 +7,10 @@ are loaded and the app is built then, not when a module is imported. What the wo
                   │     bad and late records ──> stock-quotes-dlq (deadletter.py)           │
                   └─> archive/ (own consumer group) ──> object storage                      │
     stock-quotes-aggregated ──> warehouse/ (own consumer group) ──> DuckDB | BigQuery <────┘
-    web/views.py: /health/ /ready/ /metrics/ /windows/ beside Faust's /table/ views
+    stock-anomalies ──> alerts/ (a consumer group per receiver) ──> Slack webhook, PagerDuty
+    stock-quotes-aggregated ──> agents/anomaly/ (histories in tables/) ──> stock-anomalies
+                                  bad windows ──> stock-quotes-dlq
+    web/: /health/ /ready/ /metrics/, inspection pages (/, /symbols/, /partitions/), /windows/
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 import faust
 
 from stockstream.agents.aggregate.agent import Aggregation
+from stockstream.agents.anomaly.agent import AnomalyDetection
+from stockstream.alerts.delivery import alert_services
 from stockstream.archive.archiver import Archiver
 from stockstream.archive.object_store import from_settings as object_store
 from stockstream.deadletter import DeadLetters
@@ -29,10 +34,13 @@ from stockstream.kafka.consumer_service import ConsumerServiceRunner
 from stockstream.kafka.topics import clock_topic_name, ensure_topics
 from stockstream.logs import logging_config
 from stockstream.settings import Settings, SettingsError, load_settings
+from stockstream.tables import anomaly_state
 from stockstream.tables.window_state import define_table
 from stockstream.warehouse.backends import from_settings as warehouse_backend
 from stockstream.warehouse.loader import WarehouseLoader
-from stockstream.web import views
+from stockstream.web import chart, views
+from stockstream.web.cluster import advertised_url
+from stockstream.web.recent import RecentWindows
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +120,8 @@ def create_app(settings: Settings) -> StockstreamApp:
         web_host=worker.web_host,
         web_port=worker.web_port,
         web_bind=worker.web_host,
+        # Where other workers forward requests for partitions this one owns (web/cluster.py).
+        canonical_url=advertised_url(worker),
         logging_config=logging_config(settings.log.level, settings.log.format),
         # A bad record must never stop the worker; failures are handled per record.
         stream_wait_empty=True,
@@ -136,6 +146,16 @@ def create_app(settings: Settings) -> StockstreamApp:
     # One agent reads quotes and idle ticks, so ticks run in the same partition context (and
     # the same changelog partition) as the quotes whose windows they close.
     aggregation.register(topic(kafka.quotes_topic, clock_topic_name(settings)))
+    if settings.anomaly.enabled:
+        # Its own topic: a second agent on the quotes topic would stall the first.
+        anomalies = AnomalyDetection(
+            app,
+            settings,
+            anomaly_state.define_table(app, kafka.partitions),
+            output=topic(kafka.anomalies_topic),
+            dead_letters=dead_letters,
+        )
+        anomalies.register(topic(kafka.aggregated_topic))
     # Faust's `app.service` is typed for classes but takes instances too (they are started
     # after table recovery and stopped with the worker).
     if settings.archive.enabled:
@@ -144,7 +164,13 @@ def create_app(settings: Settings) -> StockstreamApp:
     if settings.warehouse.enabled:
         loader = WarehouseLoader(settings, warehouse_backend(settings), dead_letters)
         app.service(ConsumerServiceRunner(loader))  # type: ignore[arg-type]
-    views.register(app, settings, aggregation.state)
+    # One per alert receiver that is on (own consumer group each); none when both are off.
+    for alerts in alert_services(settings, dead_letters):
+        app.service(ConsumerServiceRunner(alerts))  # type: ignore[arg-type]
+    recent = RecentWindows()
+    aggregation.emitter.listeners.append(recent.record)
+    views.register(app, settings, aggregation.state, recent)
+    chart.register(app, settings, aggregation.state)
     return app
 
 

@@ -106,7 +106,9 @@ async def _produce(settings: Settings, args: argparse.Namespace) -> int:
 
         from stockstream.metrics import REGISTRY
 
-        start_http_server(settings.producer.metrics_port, addr="127.0.0.1", registry=REGISTRY)
+        start_http_server(
+            settings.producer.metrics_port, addr=settings.producer.metrics_host, registry=REGISTRY
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -63,6 +63,10 @@ class DeadLetters:
     def __init__(self, send: Send, max_record_bytes: int = 900_000) -> None:
         self._send = send
         self._max_record_bytes = max_record_bytes
+        # Every reason's series exists from the start at 0: `increase()` in an alert rule
+        # cannot see the first dead letter of a series that appears with it.
+        for reason in Reason:
+            DEAD_LETTERS.labels(reason.value)
 
     def batch(self) -> DeadLetterBatch:
         return DeadLetterBatch(self)

@@ -1,9 +1,10 @@
 """Every Prometheus metric of stockstream, declared once, on one registry per process.
 
 The worker serves it at `/metrics/` (web/views.py); `stockstream produce` serves it on
-PRODUCER_METRICS_PORT. One file on purpose: it is the list an operator, a dashboard or an alert
-rule reads. Label values are fixed vocabularies (outcomes, reasons, partitions, the `Source`
-values): never a URL, an error text or a key. Code on a hot path resolves its labelled children
+PRODUCER_METRICS_PORT. Longer than ~400 lines on purpose: it is the one list an operator, a
+dashboard or an alert rule reads (monitoring/ is checked against it), so it stays one file.
+Label values are fixed vocabularies (outcomes, reasons, partitions, the `Source` values): never
+a URL, an error text or a key. Code on a hot path resolves its labelled children
 once (`.labels()` per record shows up in profiles).
 """
 
@@ -367,5 +368,50 @@ AGENT_BATCH_SECONDS = Histogram(
     "Time an agent spends on one batch of records (processing, state writes, dead letters)",
     ["agent"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+
+
+# -- anomaly detection (agents/anomaly/) ----------------------------------------------------------
+ANOMALIES = Counter(
+    "stockstream_anomalies_total",
+    "Anomalies written to stock-anomalies, by kind (return, volume); each once, also across"
+    " restarts (one found already in the topic after a restart is not counted again)",
+    ["kind"],
+    registry=REGISTRY,
+)
+
+# -- alerts (alerts/): anomalies delivered to people ------------------------------------------
+ALERT_DELIVERIES = Counter(
+    "stockstream_alert_deliveries_total",
+    "Alert delivery events per receiver (slack, pagerduty), by outcome: delivered, retried (an"
+    " attempt failed and is retried), throttled (HTTP 429, retried), failed (given up on:"
+    " dead-lettered as alert-failed), duplicate (already delivered by this process, skipped)",
+    ["receiver", "outcome"],
+    registry=REGISTRY,
+)
+ALERT_PENDING = Gauge(
+    "stockstream_alert_pending",
+    "Anomaly records read by the alert services and not yet delivered or dead-lettered (all"
+    " receivers together; stays up while a receiver is down)",
+    registry=REGISTRY,
+)
+
+# -- live chart (web/live.py) -----------------------------------------------------------------
+CHART_CLIENTS = Gauge(
+    "stockstream_chart_clients",
+    "Live chart event streams open on this worker",
+    registry=REGISTRY,
+)
+CHART_CLIENTS_DROPPED = Counter(
+    "stockstream_chart_clients_dropped_total",
+    "Live chart streams ended because their client did not keep up (queue full, write stalled)",
+    registry=REGISTRY,
+)
+CHART_RECORDS_SKIPPED = Counter(
+    "stockstream_chart_records_skipped_total",
+    "Records of the aggregated or anomalies topic the live chart could not read (skipped and"
+    " logged; the chart only reads, the owning stages dead-letter)",
+    ["topic"],
     registry=REGISTRY,
 )

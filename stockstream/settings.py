@@ -5,7 +5,8 @@ Values come from, highest precedence first: the process environment, a `.env` fi
 below. Any variable may instead be given as `<NAME>_FILE` pointing at a file that holds the value
 (docker secrets). Every field names its variable, so an invalid value is reported by that name,
 and secrets are wrapped in `Secret` so they never reach a log line or an error message (the
-mechanism is in envconfig.py).
+mechanism is in envconfig.py). Longer than ~400 lines on purpose: it is the one typed place a
+reader looks for any setting; the reading mechanism lives in envconfig.py.
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ class WorkerSettings:
     app_id: str = var("STOCKSTREAM_APP_ID", "stockstream")
     web_host: str = var("STOCKSTREAM_WEB_HOST", "127.0.0.1")
     web_port: int = var("STOCKSTREAM_WEB_PORT", 6066, _port, "must be a TCP port")
+    # Where other workers forward requests to this one; empty: http://<web_host>:<web_port>.
+    web_url: str = var("STOCKSTREAM_WEB_URL", "")
     # Required by every web endpoint that changes state or shows more than read-only views
     # (`Authorization: Bearer <token>`); empty = those endpoints are refused.
     web_token: Secret = var("STOCKSTREAM_WEB_TOKEN", Secret(""))
@@ -198,6 +201,8 @@ class ProducerSettings:
     spool_retry_seconds: float = var("PRODUCER_SPOOL_RETRY_SECONDS", 5.0, _positive, "must be > 0")
     # Prometheus /metrics of `stockstream produce` on 127.0.0.1:<port>; 0 = not served.
     metrics_port: int = var("PRODUCER_METRICS_PORT", 0, _non_negative, "must be >= 0")
+    # Loopback unless told otherwise (a Prometheus in another container needs 0.0.0.0).
+    metrics_host: str = var("PRODUCER_METRICS_HOST", "127.0.0.1")
 
 
 @dataclass(frozen=True)

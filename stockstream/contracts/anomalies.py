@@ -4,6 +4,10 @@ symbol's recent history.
 The record key is the symbol; the value a UTF-8 JSON object with the fields of `FIELDS`, in
 that order. An anomaly is identified by `(symbol, window_start_ms, kind)`: the detector emits
 each at most once (also across restarts), and its consumers may deduplicate on it.
+
+Written by agents/anomaly/ (the rules: its statistics.py and the README, "Real-time
+anomalies"): output partition p carries the anomalies of `stock-quotes-aggregated` partition p,
+and the Kafka timestamp is the emit time (event time is in the payload).
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ class Reason(StrEnum):
     ARCHIVE_FAILED = "archive-failed"  # the raw archive could not store it
     ARCHIVE_REJECTED = "archive-rejected"  # a valid quote the archive cannot encode
     WAREHOUSE_REJECTED = "warehouse-rejected"  # the warehouse refused the row for good
+    ALERT_FAILED = "alert-failed"  # an alert receiver refused the anomaly or stayed down
     INTERNAL_ERROR = "internal-error"  # a bug of ours; the worker log has the traceback
 
 

@@ -51,6 +51,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(k.quotes_topic, k.partitions, {}, copartitioned=True),
         TopicSpec(k.aggregated_topic, k.partitions, {}, copartitioned=True),
         TopicSpec(k.dlq_topic, k.partitions, {}, copartitioned=False),
+        # Anomalies of input partition p go to output partition p (agents/anomaly/): checked
+        # only while the detector runs.
+        TopicSpec(k.anomalies_topic, k.partitions, {}, copartitioned=settings.anomaly.enabled),
         # Ticks are only meaningful for a few seconds; a day keeps them for debugging.
         TopicSpec(clock_topic_name(settings), k.partitions, {"retention.ms": "86400000"}, True),
         # One key per re-driven dead letter, kept forever (compacted): small, read whole.
@@ -99,8 +102,8 @@ async def ensure_topics(settings: Settings) -> None:
             if spec.copartitioned and actual != spec.partitions:
                 raise TopicLayoutError(
                     f"topic {spec.name!r} has {actual} partitions, expected {spec.partitions}"
-                    " (KAFKA_PARTITIONS): the aggregation needs source, clock and output"
-                    " topics co-partitioned"
+                    " (KAFKA_PARTITIONS): the aggregation and the anomaly detector need their"
+                    " source, clock and output topics co-partitioned"
                 )
     finally:
         await admin.close()

@@ -57,6 +57,7 @@ class Stack:
             "KAFKA_QUOTES_TOPIC": self.quotes,
             "KAFKA_AGGREGATED_TOPIC": self.aggregated,
             "KAFKA_DLQ_TOPIC": self.dlq,
+            "KAFKA_ANOMALIES_TOPIC": f"anomalies-{self.run}",
             "KAFKA_PARTITIONS": str(self.partitions),
             "STOCKSTREAM_APP_ID": f"it-{self.run}",
             "STOCKSTREAM_DATA_DIR": str(self.data_dir),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Container
+from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 import faust
@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 # (back-pressure: the source offsets are not committed meanwhile, so nothing is lost).
 BACKOFF = Backoff(initial_seconds=0.5, max_seconds=30.0)
 
+#: Told about every close once its windows are in the output topic: (source partition, the
+#: closed windows, the highest output offset known). Registered by outer layers (the web view
+#: keeps recently closed windows with it), so this stage imports none of them.
+EmitListener = Callable[[int, Sequence[WindowAggregate], int], None]
+
 
 class WindowEmitter:
     def __init__(self, kafka: KafkaSettings, output: faust.TopicT, read_back: ReadAfter) -> None:
@@ -45,6 +50,7 @@ class WindowEmitter:
         self._output = output
         self._read_back = read_back
         self.index = EmittedIndex()
+        self.listeners: list[EmitListener] = []
 
     async def load(self, partition: int, checkpoint: int) -> None:
         """Learn what `partition` emitted after output offset `checkpoint`."""
@@ -96,7 +102,16 @@ class WindowEmitter:
                     extra={"partition": partition, "failed": len(failed), "sent": len(todo)},
                 )
             todo = [w for w, _ in failed if not self.index.emitted(partition, w)]
+        self._notify(partition, windows, highest)
         return written, highest
+
+    def _notify(self, partition: int, windows: list[WindowAggregate], highest: int) -> None:
+        for listener in self.listeners:
+            try:
+                listener(partition, windows, highest)
+            except Exception:
+                # An observer's bug must never stop emitting.
+                log.exception("emit listener failed", extra={"partition": partition})
 
     def checkpointed(
         self,
