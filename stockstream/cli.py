@@ -1,5 +1,6 @@
 """`stockstream` command: the project's own operations (the worker itself is `faust -A stockstream
-worker`). Sub-commands: `produce`, `topics`, `tail`, `config`, `dlq redrive`."""
+worker`). Sub-commands: `produce`, `topics`, `tail`, `config`, `dlq redrive`, `backfill`,
+`gaps`."""
 
 from __future__ import annotations
 
@@ -30,12 +31,16 @@ def _source(settings: Settings, args: argparse.Namespace) -> tuple[Any, list[Any
 
         sim = settings.simulator
         simulator = Simulator(
-            symbols=args.symbols or sim.symbols,
+            symbols=_symbol_count(args.symbols) or sim.symbols,
             seed=sim.seed if args.seed is None else args.seed,
             rate=args.rate or sim.rate,
             start_ms=args.start_ms,
         )
         return SimulatorSource(simulator, count=args.count, paced=not args.fast).quotes(), []
+    if args.source == "archive":
+        from stockstream.recovery.commands import archive_replay
+
+        return archive_replay(settings, args.from_, args.to, args.symbols).quotes(), []
     if args.source == "replay":
         from stockstream.sources.replay import ReplaySource
 
@@ -67,6 +72,18 @@ def _source(settings: Settings, args: argparse.Namespace) -> tuple[Any, list[Any
     lease = socket_lease.from_settings(settings.finnhub, settings.cache)
     ws = FinnhubTradeSource(settings.finnhub, lease=lease)
     return ws.quotes(), [ws, *([lease] if lease else [])]
+
+
+def _symbol_count(value: str | None) -> int | None:
+    """`--symbols` of the simulator: a number of symbols (the archive source takes names)."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(
+            f"stockstream produce --source simulate: --symbols expects a number, got {value!r}"
+        ) from None
 
 
 def _check_symbols(symbols: tuple[str, ...], validator: QuoteValidator) -> None:
@@ -217,14 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     produce = sub.add_parser("produce", help="feed stock-quotes from a source")
     produce.add_argument(
-        "--source", choices=["simulate", "finnhub", "finnhub-ws", "replay"], default="simulate"
+        "--source",
+        choices=["simulate", "finnhub", "finnhub-ws", "replay", "archive"],
+        default="simulate",
     )
     produce.add_argument("--count", type=int, default=None, help="simulate: stop after N quotes")
     produce.add_argument("--files", nargs="+", help="replay: NDJSON/CSV files or directories")
     produce.add_argument(
         "--speed", type=float, default=None, help="replay: 1 = original pace, 10, 0 = no pauses"
     )
-    produce.add_argument("--symbols", type=int, default=None, help="number of symbols")
+    produce.add_argument(
+        "--symbols", default=None, help="simulate: number of symbols; archive: A,B (default all)"
+    )
+    produce.add_argument("--from", dest="from_", help="archive: ISO start (inclusive, UTC)")
+    produce.add_argument("--to", help="archive: ISO end (exclusive, UTC)")
     produce.add_argument("--rate", type=float, default=None, help="quotes per second")
     produce.add_argument("--seed", type=int, default=None)
     produce.add_argument("--start-ms", type=int, default=None, help="event time of the first quote")
@@ -236,6 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     tail = sub.add_parser("tail", help="print records of a topic as they arrive")
     tail.add_argument("which", choices=["quotes", "aggregated", "dlq"])
     tail.add_argument("--from-beginning", action="store_true")
+    backfill = sub.add_parser(
+        "backfill", help="recompute windows of a time range from the archive into the warehouse"
+    )
+    backfill.add_argument("--from", dest="from_", required=True, help="ISO start (inclusive)")
+    backfill.add_argument("--to", required=True, help="ISO end (exclusive); UTC without a zone")
+    backfill.add_argument("--symbols", default=None, help="A,B (default: every symbol)")
+    backfill.add_argument("--json", action="store_true", help="print the summary as JSON")
+    gaps = sub.add_parser(
+        "gaps", help="windows of a day the warehouse lacks while the archive has quotes for them"
+    )
+    gaps.add_argument("--day", required=True, help="YYYY-MM-DD (UTC)")
+    gaps.add_argument("--json", action="store_true", help="machine-readable report")
     sub.add_parser("topics", help="create the topics (idempotent) and list them")
     sub.add_parser("config", help="print the effective configuration (secrets masked)")
     dlq = sub.add_parser("dlq", help="dead-letter queue operations")
@@ -293,6 +328,12 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         print(f"re-drove {count} dead-lettered record(s)")
         return 0
+    if args.command in ("backfill", "gaps"):
+        from stockstream.recovery.commands import run_backfill, run_gaps
+
+        if args.command == "backfill":
+            return asyncio.run(run_backfill(settings, args.from_, args.to, args.symbols, args.json))
+        return asyncio.run(run_gaps(settings, args.day, args.json))
     if args.command == "tail":
         try:
             return asyncio.run(_tail(settings, args.which, args.from_beginning))

@@ -13,13 +13,15 @@ builds the configured one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from stockstream.contracts.timestamps import iso_utc
+from stockstream.contracts.windows import Kind
 from stockstream.errors import StockstreamError
+from stockstream.warehouse.schema import CONTRACT_COLUMNS
 
 DEFAULT_TABLE = "aggregates_1m"
 T = TypeVar("T")
@@ -52,9 +54,27 @@ class Warehouse(Protocol):
         """
         ...
 
+    async def read(
+        self, start_ms: int, end_ms: int, symbols: Collection[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """The stored windows with `start_ms <= window_start < end_ms` (of `symbols` when
+        given) as contract records (contracts/windows.py, without `ingested_at`), one per
+        `(symbol, window_start)`: the latest `ingested_at` where a back-end keeps copies.
+        Raises `WarehouseUnavailable` when the warehouse cannot be read now."""
+        ...
+
     async def close(self) -> None:
         """Release connections and files (waits for a write in progress)."""
         ...
+
+
+def record_from_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored row read back as a window record: the contract's fields in order, timestamps
+    (read as epoch milliseconds) as the contract's ISO-8601 UTC text."""
+    return {
+        c.name: iso_utc(row[c.name]) if c.kind is Kind.TIMESTAMP else row[c.name]
+        for c in CONTRACT_COLUMNS
+    }
 
 
 def insert_id(symbol: str, window_start_ms: int) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,12 +35,13 @@ from google.api_core.retry import Retry
 from google.cloud import bigquery
 
 from stockstream.contracts.timestamps import iso_utc
-from stockstream.contracts.windows import WindowRecordError, window_identity
+from stockstream.contracts.windows import Kind, WindowRecordError, window_identity
 from stockstream.warehouse.base import (
     DedicatedThread,
     Rejected,
     WarehouseUnavailable,
     insert_id,
+    record_from_row,
 )
 from stockstream.warehouse.schema import COLUMNS, CONTRACT_COLUMNS, bigquery_mode, bigquery_type
 
@@ -57,6 +58,10 @@ _ENVELOPE_BYTES = 1_000
 _RESEND_REASONS = frozenset({"stopped", "backendError", "internalError", "timeout"})
 _RESEND_LIMIT = 5
 _CONTRACT_NAMES = tuple(c.name for c in CONTRACT_COLUMNS)
+
+
+def _utc(epoch_ms: int) -> datetime:
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC)
 
 
 def table_schema() -> list[bigquery.SchemaField]:
@@ -152,6 +157,11 @@ class BigQueryWarehouse:
 
     async def write(self, records: Sequence[Mapping[str, Any]]) -> list[Rejected]:
         return await self._thread.run(self._write, list(records))
+
+    async def read(
+        self, start_ms: int, end_ms: int, symbols: Collection[str] | None = None
+    ) -> list[dict[str, Any]]:
+        return await self._thread.run(self._read, start_ms, end_ms, symbols)
 
     async def close(self) -> None:
         # Not queued behind a write that may be retrying for the whole deadline: closing the
@@ -318,6 +328,43 @@ class BigQueryWarehouse:
                 time.sleep(min(0.2 * 2**resends, 5.0))
                 pending.append(again)
         return sorted(rejected, key=lambda r: r.index)
+
+    def _read(
+        self, start_ms: int, end_ms: int, symbols: Collection[str] | None
+    ) -> list[dict[str, Any]]:
+        """A query job (readers need roles/bigquery.jobUser, README, Warehouse); streaming
+        inserts are at-least-once, so the latest `ingested_at` of a key stands for it."""
+        columns = ", ".join(
+            f"UNIX_MILLIS({c.name}) AS {c.name}" if c.kind is Kind.TIMESTAMP else c.name
+            for c in CONTRACT_COLUMNS
+        )
+        params: list[Any] = [
+            bigquery.ScalarQueryParameter("start", "TIMESTAMP", _utc(start_ms)),
+            bigquery.ScalarQueryParameter("end", "TIMESTAMP", _utc(end_ms)),
+        ]
+        where = "window_start >= @start AND window_start < @end"
+        if symbols is not None:
+            where += " AND symbol IN UNNEST(@symbols)"
+            params.append(bigquery.ArrayQueryParameter("symbols", "STRING", sorted(symbols)))
+        query = (
+            f"SELECT {columns} FROM `{self.table_id}` WHERE {where}"
+            " QUALIFY ROW_NUMBER() OVER"
+            " (PARTITION BY symbol, window_start ORDER BY ingested_at DESC) = 1"
+            " ORDER BY window_start, symbol"
+        )
+        try:
+            job = self.client().query(
+                query,
+                job_config=bigquery.QueryJobConfig(query_parameters=params),
+                retry=self._retry,
+                timeout=self._timeout,
+            )
+            rows = job.result(timeout=self.retry_deadline_seconds)
+            return [record_from_row(dict(row.items())) for row in rows]
+        except gexc.NotFound:
+            return []  # no table yet: nothing stored
+        except Exception as exc:  # network, auth, 5xx after retries, a failed job
+            raise WarehouseUnavailable(f"bigquery read: {exc!r}") from exc
 
     def _insert(self, chunk: list[_Row]) -> Sequence[dict[str, Any]]:
         return self.client().insert_rows_json(

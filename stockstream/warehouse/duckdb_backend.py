@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from stockstream.warehouse.base import (
     DedicatedThread,
     Rejected,
     WarehouseUnavailable,
+    record_from_row,
 )
 from stockstream.warehouse.schema import COLUMNS, CONTRACT_COLUMNS, KEY, Column, duckdb_type
 
@@ -95,6 +96,11 @@ class DuckDBWarehouse:
 
     async def write(self, records: Sequence[Mapping[str, Any]]) -> list[Rejected]:
         return await self._thread.run(self._write, list(records))
+
+    async def read(
+        self, start_ms: int, end_ms: int, symbols: Collection[str] | None = None
+    ) -> list[dict[str, Any]]:
+        return await self._thread.run(self._read, start_ms, end_ms, symbols)
 
     async def close(self) -> None:
         await self._thread.run(self._disconnect)
@@ -164,6 +170,37 @@ class DuckDBWarehouse:
             if not self.hold_connection:
                 self._drop_connection(checkpoint=True)
         return sorted(rejected, key=lambda r: r.index)
+
+    def _read(
+        self, start_ms: int, end_ms: int, symbols: Collection[str] | None
+    ) -> list[dict[str, Any]]:
+        columns = ", ".join(
+            f"epoch_ms({_q(c.name)}) AS {_q(c.name)}" if c.kind is Kind.TIMESTAMP else _q(c.name)
+            for c in CONTRACT_COLUMNS
+        )
+        query = (
+            f"SELECT {columns} FROM {_q(self.table)}"
+            " WHERE window_start >= make_timestamp(?::BIGINT * 1000)"
+            " AND window_start < make_timestamp(?::BIGINT * 1000)"
+        )
+        params: list[Any] = [start_ms, end_ms]
+        if symbols is not None:
+            query += " AND list_contains(?::VARCHAR[], symbol)"
+            params.append(sorted(symbols))
+        query += " ORDER BY window_start, symbol"
+        try:
+            conn = self._connect()
+            try:
+                cursor = conn.execute(query, params)
+                names = [d[0] for d in cursor.description or ()]
+                found = [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
+            finally:
+                if not self.hold_connection:
+                    self._drop_connection(checkpoint=True)
+        except duckdb.Error as exc:
+            self._drop_connection()
+            raise WarehouseUnavailable(f"duckdb {self.path}: {exc}") from exc
+        return [record_from_row(row) for row in found]
 
     def _upsert_rows(self, conn: duckdb.DuckDBPyConnection, rows: list[tuple[Any, ...]]) -> None:
         ingested_at = datetime.now(UTC).replace(tzinfo=None)
