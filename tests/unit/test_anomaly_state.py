@@ -43,7 +43,9 @@ def through_changelog(value: Any) -> Any:
         last_close=finite,
         returns=st.lists(finite, max_size=70),
         volumes=st.lists(finite, max_size=70),
-        last_reported_ms=st.dictionaries(st.sampled_from(["return", "volume"]), st.integers(0, 2**53)),
+        last_reported_ms=st.dictionaries(
+            st.sampled_from(["return", "volume"]), st.integers(0, 2**53)
+        ),
     ),
     st.builds(DetectorProgress, st.integers(-1, 2**62), st.integers(-1, 2**62)),
 )
