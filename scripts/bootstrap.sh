@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Create (or update) the project virtualenv at .venv with stockstream, its dev tools and the
-# analytics extra (dbt, for dbt/ and its tests).
+# Create (or update) the project virtualenv at .venv with stockstream and its dev tools.
 # Sourced by quickstart.sh and test.sh; safe to run again (pip is a no-op when up to date).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,6 +19,6 @@ fi
 stamp="$VENV/.stockstream-installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev,analytics]"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
   touch "$stamp"
 fi
