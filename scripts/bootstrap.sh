@@ -22,3 +22,17 @@ if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install --quiet -e "$ROOT[dev]"
   touch "$stamp"
 fi
+
+# dbt (the analytics layer, dbt/) in its own virtualenv: dbt-core 1.11 pins pathspec<0.13, which
+# the dev tools above outgrew. scripts/dbt.sh runs it. Re-installed when these pins change.
+DBT_VENV="${DBT_VENV:-$ROOT/.venv-dbt}"
+DBT_REQUIREMENTS=("dbt-core~=1.11.0" "dbt-duckdb~=1.11.0" "dbt-bigquery~=1.11.0")
+if [ ! -x "$DBT_VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$DBT_VENV"
+fi
+dbt_stamp="$DBT_VENV/.stockstream-dbt-installed"
+if [ ! -f "$dbt_stamp" ] || [ "$(cat "$dbt_stamp")" != "${DBT_REQUIREMENTS[*]}" ]; then
+  "$DBT_VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$DBT_VENV/bin/python" -m pip install --quiet "${DBT_REQUIREMENTS[@]}"
+  printf '%s' "${DBT_REQUIREMENTS[*]}" >"$dbt_stamp"
+fi
