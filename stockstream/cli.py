@@ -1,6 +1,6 @@
 """`stockstream` command: the project's own operations (the worker itself is `faust -A stockstream
 worker`). Sub-commands: `produce`, `topics`, `tail`, `config`, `dlq redrive`, `backfill`,
-`gaps`."""
+`gaps`, `alert`."""
 
 from __future__ import annotations
 
@@ -229,6 +229,27 @@ async def _tail(settings: Settings, which: str, from_beginning: bool) -> int:
     return 0
 
 
+async def _alert(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 when every configured receiver took the notice (or none is configured, which is
+    said on stderr), 1 when one gave up; one JSON line {receiver: outcome} on stdout."""
+    from stockstream.alerts.notices import notice, notice_receivers, send_notice
+
+    record = notice(
+        args.title,
+        args.text,
+        dedup_key=args.dedup_key,
+        severity=args.severity,
+        link=args.link,
+        source=args.source,
+    )
+    receivers = notice_receivers(settings.alerts, args.source)
+    if not receivers:
+        print("stockstream alert: no receiver configured (ALERT_*), nothing sent", file=sys.stderr)
+    outcome = await send_notice(settings.alerts, record, receivers)
+    print(json.dumps(outcome))
+    return 0 if all(v == "delivered" for v in outcome.values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stockstream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -271,6 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gaps.add_argument("--day", required=True, help="YYYY-MM-DD (UTC)")
     gaps.add_argument("--json", action="store_true", help="machine-readable report")
+    alert = sub.add_parser(
+        "alert", help="send an operational notice (a failed batch job) to the alert receivers"
+    )
+    alert.add_argument("--title", required=True, help="one line, e.g. 'stockstream_dbt failed'")
+    alert.add_argument("--text", default="", help="what failed and where to look")
+    alert.add_argument(
+        "--severity", choices=["critical", "error", "warning", "info"], default="error"
+    )
+    alert.add_argument("--dedup-key", required=True, help="the same key updates one incident")
+    alert.add_argument("--link", default="", help="URL of the log")
+    alert.add_argument("--source", default="stockstream", help="who reports it (e.g. airflow)")
     sub.add_parser("topics", help="create the topics (idempotent) and list them")
     sub.add_parser("config", help="print the effective configuration (secrets masked)")
     dlq = sub.add_parser("dlq", help="dead-letter queue operations")
@@ -334,6 +366,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         if args.command == "backfill":
             return asyncio.run(run_backfill(settings, args.from_, args.to, args.symbols, args.json))
         return asyncio.run(run_gaps(settings, args.day, args.json))
+    if args.command == "alert":
+        return asyncio.run(_alert(settings, args))
     if args.command == "tail":
         try:
             return asyncio.run(_tail(settings, args.which, args.from_beginning))
