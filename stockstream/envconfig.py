@@ -188,6 +188,22 @@ def documented_variables(root: type[Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def secret_variables(root: type[Any]) -> list[str]:
+    """The variables of every `Secret` setting of the dataclass tree `root`."""
+    names: list[str] = []
+
+    def walk(cls: type[Any]) -> None:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name])  # type: ignore[arg-type]
+            elif hints[f.name] is Secret:
+                names.append(f.metadata["env"])
+
+    walk(root)
+    return names
+
+
 def redact_url(text: str) -> str:
     """`text` with a URL's password and query values masked (settings such as
     FINNHUB_WS_URL or an endpoint may carry a token); anything else unchanged."""

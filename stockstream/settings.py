@@ -11,6 +11,7 @@ reader looks for any setting; the reading mechanism lives in envconfig.py.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -336,7 +337,10 @@ def load_settings(
         )
     directory = Path(config_dir or layered.get("STOCKSTREAM_CONFIG_DIR", "config"))
     profile = envconfig.profile_values(directory, env_raw, "STOCKSTREAM_ENV" in layered)
-    settings: Settings = envconfig.build(Settings, {**profile, **layered})
+    values = {**profile, **layered}
+    settings: Settings = envconfig.build(Settings, values)
+    if settings.env == "prod":  # first: a refused credential is the problem to report
+        _check_prod(settings, values)
     try:
         re.compile(settings.quotes.symbol_pattern)
     except re.error as exc:
@@ -359,6 +363,38 @@ def load_settings(
             " (see README, Guarantees); at_least_once already emits each window once"
         )
     return settings
+
+
+def _check_prod(settings: Settings, values: Mapping[str, str]) -> None:
+    """What production refuses to start with, although each value works on its own: data a
+    single broker loss destroys, credentials readable by anyone who can list the process
+    environment or the deployment, and a web view that anyone on the network can drive."""
+    if settings.kafka.replication_factor < 2:
+        raise SettingsError(
+            "KAFKA_REPLICATION_FACTOR: must be >= 2 with STOCKSTREAM_ENV=prod (one broker's"
+            f" loss must not lose data), got {settings.kafka.replication_factor}"
+        )
+    for name in envconfig.secret_variables(Settings):
+        if values.get(name, "").strip():
+            raise SettingsError(
+                f"{name}: a plain value is refused with STOCKSTREAM_ENV=prod;"
+                f" give {name}_FILE (a mounted secret) instead"
+            )
+    host = settings.worker.web_host
+    if not _is_loopback(host) and not settings.worker.web_token:
+        raise SettingsError(
+            f"STOCKSTREAM_WEB_HOST: {host!r} is reachable from other hosts, which"
+            " STOCKSTREAM_ENV=prod allows only with STOCKSTREAM_WEB_TOKEN_FILE set"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _check_kafka_security(kafka: KafkaSettings) -> None:
