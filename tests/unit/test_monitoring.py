@@ -189,10 +189,14 @@ def test_prometheus_scrapes_the_compose_services() -> None:
     config = load_yaml(PROMETHEUS / "prometheus.yml")
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     targets = {
-        name: [t for sc in job["static_configs"] for t in sc["targets"]]
+        name: [t for sc in job.get("static_configs", []) for t in sc["targets"]]
         for name, job in jobs.items()
     }
-    assert targets["worker"] == ["worker:6066"]
+    # Every replica of a scaled worker is its own instance: found by DNS, not one static name.
+    assert jobs["worker"]["dns_sd_configs"] == [
+        {"names": ["worker"], "type": "A", "port": 6066, "refresh_interval": "30s"}
+    ]
+    assert "static_configs" not in jobs["worker"]
     assert jobs["worker"]["metrics_path"] == "/metrics/"
     assert [t.split(":")[0] for t in targets["producer"]] == ["producer"]
     assert targets["alertmanager"] == ["alertmanager:9093"]
