@@ -225,11 +225,17 @@ def test_monitoring_configs_are_mounted_where_they_expect() -> None:
         assert secret in svcs["alertmanager"]["secrets"], secret
     # The scrape targets of monitoring/prometheus/prometheus.yml.
     scrape = yaml.safe_load((ROOT / "monitoring/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
     targets = {
-        job["job_name"]: job["static_configs"][0]["targets"][0] for job in scrape["scrape_configs"]
+        name: job["static_configs"][0]["targets"][0]
+        for name, job in jobs.items()
+        if "static_configs" in job
     }
     worker, producer = environment(svcs["worker"]), environment(svcs["producer"])
-    assert targets["worker"] == "worker:6066" and worker["STOCKSTREAM_WEB_HOST"] == "0.0.0.0"
+    # Scaled workers are found by DNS under the service name, each replica on its web port.
+    (worker_sd,) = jobs["worker"]["dns_sd_configs"]
+    assert worker_sd["names"] == ["worker"] and worker_sd["port"] == 6066
+    assert worker["STOCKSTREAM_WEB_HOST"] == "0.0.0.0"
     assert targets["producer"] == f"producer:{producer['PRODUCER_METRICS_PORT']}"
     assert producer["PRODUCER_METRICS_HOST"] == "0.0.0.0"
     for name in ("worker", "producer", "alertmanager"):
