@@ -13,7 +13,7 @@ export PATH="$VENV/bin:$PATH"
 # Airflow and tests/integration/test_airflow_dags.py runs them in it.
 "$ROOT/scripts/airflow_env.sh"
 
-echo "== ruff"; ruff check stockstream tests benchmarks dags; ruff format --check stockstream tests benchmarks dags
-echo "== mypy"; mypy; mypy --python-executable "${AIRFLOW_VENV:-$ROOT/.venv-airflow}/bin/python" dags
+echo "== ruff"; ruff check stockstream tests benchmarks dags deploy scripts; ruff format --check stockstream tests benchmarks dags deploy scripts
+echo "== mypy"; mypy; mypy scripts deploy; mypy --python-executable "${AIRFLOW_VENV:-$ROOT/.venv-airflow}/bin/python" dags
 echo "== pytest (with coverage of stockstream, worker processes included)"
 python -m pytest --cov --cov-report=term "$@"
