@@ -39,3 +39,29 @@
 {% macro hours_before(expr, hours) -%}{{ return(adapter.dispatch('hours_before', 'stockstream')(expr, hours)) }}{%- endmacro %}
 {% macro default__hours_before(expr, hours) -%}({{ expr }}) - interval '{{ hours | int }} hours'{%- endmacro %}
 {% macro bigquery__hours_before(expr, hours) -%}timestamp_sub({{ expr }}, interval {{ hours | int }} hour){%- endmacro %}
+
+{#- A deterministic, null-safe text of a quote's content, hashed (hex MD5, via dbt.hash): equal
+    content, equal fingerprint. Each value is written out in full (a double as its shortest
+    round-trip text, a list as JSON, so no separator inside a condition code can make two
+    contents read alike) and a null as `null`, which no written value equals; a null list
+    counts as an empty one (BigQuery has no null arrays: the archive's nulls load as []). -#}
+{% macro content_fingerprint(doubles, lists=[]) -%}
+  {%- set parts = [] -%}
+  {%- for expr in doubles -%}
+    {%- do parts.append("coalesce(cast(" ~ expr ~ " as " ~ dbt.type_string() ~ "), 'null')") -%}
+  {%- endfor -%}
+  {%- for expr in lists -%}
+    {%- do parts.append(list_as_json(expr)) -%}
+  {%- endfor -%}
+  {%- set joined = [] -%}
+  {%- for part in parts -%}
+    {%- do joined.append(part) -%}
+    {%- if not loop.last %}{% do joined.append("'|'") %}{% endif -%}
+  {%- endfor -%}
+  {{- dbt.hash(dbt.concat(joined)) -}}
+{%- endmacro %}
+
+{#- A list of strings as JSON text (null: `[]`). -#}
+{% macro list_as_json(expr) -%}{{ return(adapter.dispatch('list_as_json', 'stockstream')(expr)) }}{%- endmacro %}
+{% macro duckdb__list_as_json(expr) -%}cast(to_json(coalesce({{ expr }}, []::varchar[])) as varchar){%- endmacro %}
+{% macro bigquery__list_as_json(expr) -%}to_json_string(ifnull({{ expr }}, cast([] as array<string>))){%- endmacro %}

@@ -43,12 +43,18 @@ ODD_LOTS = "S001"  # every 5th trade carries condition 12 (odd lot): volume, no 
 FORM_T_MINUTE = ("S002", 3)  # every trade of that minute is Form T (24): provisional prices
 VOLUME_SPIKE = ("S003", 26)  # volume x1000 in that minute
 PRICE_JUMP = ("S004", 27)  # price x1.2 in that minute
+# Two distinct trades of S005 in one millisecond from Finnhub's trade websocket (no trade id):
+# the first quote of that minute becomes a trade and a second trade at a different price follows.
+SAME_MS_TRADES = ("S005", 12)
 
 
 def crafted() -> list[tuple[bytes, bytes, bool]]:
-    """The harness's data set (out-of-order and late quotes, bad records) with trade conditions
-    and two anomalies written in."""
+    """The harness's data set (out-of-order and late quotes, bad records) with trade conditions,
+    two anomalies, two distinct trades in one millisecond and, last, a re-delivery of the first
+    of them (byte-identical, as a producer retry or a DLQ re-drive sends it; so late that the
+    stream drops it, and silver must drop it too)."""
     out: list[tuple[bytes, bytes, bool]] = []
+    redelivery: tuple[bytes, bytes, bool] | None = None
     for n, (key, value, valid) in enumerate(dataset(symbols=SYMBOLS, minutes=MINUTES)):
         if valid:
             body = json.loads(value)
@@ -62,8 +68,18 @@ def crafted() -> list[tuple[bytes, bytes, bool]]:
                 body["volume"] *= 1000
             if at == PRICE_JUMP:
                 body["current_price"] = round(body["current_price"] * 1.2, 4)
+            if at == SAME_MS_TRADES and redelivery is None and body["volume"] is not None:
+                body["source"] = "finnhub-trade"
+                value = json.dumps(body).encode()
+                redelivery = (key, value, True)
+                out.append(redelivery)
+                other = {**body, "current_price": round(body["current_price"] + 0.01, 4)}
+                out.append((key, json.dumps(other).encode(), True))
+                continue
             value = json.dumps(body).encode()
         out.append((key, value, valid))
+    assert redelivery is not None
+    out.append(redelivery)
     return out
 
 
@@ -96,10 +112,10 @@ def results(target: Path) -> dict[str, tuple[str, int]]:
     return out
 
 
-def query(db: Path, sql: str) -> list[tuple[Any, ...]]:
+def query(db: Path, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
     conn = duckdb.connect(str(db), read_only=True)
     try:
-        return conn.execute(sql).fetchall()
+        return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
 
@@ -211,7 +227,9 @@ def test_dbt_builds_green_on_what_the_pipeline_wrote_and_catches_tampering(
 
     assert query(analytics, "select count(*) from silver_windows") == [(len(expected),)]
     assert query(analytics, "select count(*) from audit_windows_recomputed") == [(len(expected),)]
-    assert query(analytics, "select count(*) from silver_quotes") == [(len(produced.records),)]
+    # Every produced quote but the re-delivery (the last one) is in silver.
+    assert query(analytics, "select count(*) from silver_quotes") == [(len(produced.records) - 1,)]
+    assert_same_ms_trades_kept_and_redelivery_dropped(analytics, produced, expected)
     assert query(analytics, "select count(*), count(distinct symbol) from gold_daily_summary") == [
         (SYMBOLS, SYMBOLS)
     ]
@@ -305,7 +323,35 @@ def test_dbt_builds_green_on_what_the_pipeline_wrote_and_catches_tampering(
     assert list(failed.values()) == [SYMBOLS - 2] and next(iter(failed)).startswith(
         "accepted_symbols"
     ), failed
-    assert query(analytics, "select count(*) from silver_quotes") == [(len(produced.records),)]
+    assert query(analytics, "select count(*) from silver_quotes") == [(len(produced.records) - 1,)]
+
+
+def assert_same_ms_trades_kept_and_redelivery_dropped(
+    analytics: Path, produced: Produced, expected: dict[tuple[str, int], dict[str, Any]]
+) -> None:
+    """Both trades of SAME_MS_TRADES share (symbol, market_timestamp, source) and are in silver
+    and in their window; the re-delivery of the first (the last record, late in the stream) is
+    not."""
+    symbol, minute = SAME_MS_TRADES
+    again = produced.records[-1]
+    first, second = [r for r in produced.records[:-1] if r.symbol == symbol and r.ts == again.ts]
+    assert (again.symbol, again.price, again.volume) == (first.symbol, first.price, first.volume)
+    assert (first.ts - T0) // 60_000 == minute and second.price != first.price
+    _, late = expected_windows(produced.records)
+    assert again in late  # the stream counts it nowhere, so silver must not either
+    kept = query(
+        analytics,
+        "select current_price, kafka_offset from silver_quotes where symbol = ?"
+        " and market_timestamp_ms = ? and source = 'finnhub-trade' order by kafka_offset",
+        [symbol, first.ts],
+    )
+    assert kept == [(first.price, first.offset), (second.price, second.offset)]
+    start = first.ts // 60_000 * 60_000
+    assert query(
+        analytics,
+        "select quote_count from silver_windows where symbol = ? and window_start_ms = ?",
+        [symbol, start],
+    ) == [(expected[(symbol, start)]["count"],)]
 
 
 MODELS = {
@@ -416,7 +462,7 @@ async def test_dbt_builds_on_bigquery_and_keeps_a_window_streamed_twice_once(
 
     assert count("stg_windows") == len(pipeline.expected) + 1
     assert count("silver_windows") == len(pipeline.expected)
-    assert count("silver_quotes") == len(pipeline.produced.records)
+    assert count("silver_quotes") == len(pipeline.produced.records) - 1  # not the re-delivery
     found = client.query(
         f"SELECT symbol, window_start_ms, kind FROM `{dataset_id}_analytics.gold_anomalies`"
     ).result()

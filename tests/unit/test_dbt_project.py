@@ -88,6 +88,7 @@ def test_the_project_parses_with_a_test_beside_every_model_and_the_exposures(
     assert unit_tests == {
         "silver_windows_keeps_the_latest_delivery_of_a_window",
         "recomputed_windows_leave_out_late_quotes_and_excluded_prices",
+        "silver_quotes_keeps_distinct_trades_of_one_millisecond_and_drops_redeliveries",
     }
     generic = {
         n["test_metadata"]["name"] for n in manifest["nodes"].values() if "test_metadata" in n
@@ -118,10 +119,14 @@ def test_bigquery_compiles_offline_partitioned_by_day_and_clustered_by_symbol(
     }
     assert silver["cluster_by"] == ["symbol"]
     assert silver["incremental_strategy"] == "merge"
+    # The quote's content is part of the key: distinct trades in one millisecond both stay.
+    assert silver["unique_key"] == ["symbol", "market_timestamp", "source", "quote_fingerprint"]
     stg = compiled(tmp_path, "stg_windows", "staging")
     assert "from `analytics-project`.`stock`.`aggregates_1m`" in stg
     assert "`count` as quote_count" in stg
-    assert "unix_millis(" in compiled(tmp_path, "stg_quotes", "staging")
+    stg_quotes = compiled(tmp_path, "stg_quotes", "staging")
+    assert "unix_millis(" in stg_quotes
+    assert "to_hex(md5(" in stg_quotes and "to_json_string(ifnull(conditions" in stg_quotes
     assert "`analytics-project`.`stock_analytics`.`silver_quotes`" in compiled(
         tmp_path, "audit_windows_recomputed", "audit"
     )

@@ -1,14 +1,21 @@
-{#- One row per quote: the archive deduplicated on (symbol, market_timestamp, source), the first
-    delivery (lowest partition, offset; across runs, the one merged first) kept. Incremental: each run merges the quotes that reached
-    Kafka in the last `silver_lookback_hours` before the newest one already here, plus re-driven
-    ones (no Kafka timestamp), so late and re-driven quotes are not missed. On BigQuery the table
-    is partitioned by day on market time and clustered by symbol; DuckDB has neither and gets
+{#- One row per quote: the archive deduplicated on (symbol, market_timestamp, source,
+    quote_fingerprint), the first delivery (lowest partition, offset; across runs, the one merged
+    first) kept. The fingerprint (stg_quotes) is the quote's content: price, volume, conditions.
+    A re-delivery (a producer retry, a DLQ re-drive) repeats the content byte for byte, so it
+    collapses; two trades of one symbol in the same millisecond from Finnhub's trade websocket
+    (which carries no trade id) share (symbol, market_timestamp, source) but not the content, so
+    both stay. Two genuinely identical trades in one millisecond cannot be told from a re-delivery
+    and are kept once (the reconciliation with silver_windows then reports their window).
+    Incremental: each run merges the quotes that reached Kafka in the last
+    `silver_lookback_hours` before the newest one already here, plus re-driven ones (no Kafka
+    timestamp), so late and re-driven quotes are not missed. On BigQuery the table is
+    partitioned by day on market time and clustered by symbol; DuckDB has neither and gets
     neither. -#}
 {{
     config(
         materialized='incremental',
         incremental_strategy='merge',
-        unique_key=['symbol', 'market_timestamp', 'source'],
+        unique_key=['symbol', 'market_timestamp', 'source', 'quote_fingerprint'],
         on_schema_change='append_new_columns',
         partition_by=({'field': 'market_timestamp', 'data_type': 'timestamp', 'granularity': 'day'}
                       if target.type == 'bigquery' else none),
@@ -34,7 +41,7 @@ ranked as (
     select
         *,
         row_number() over (
-            partition by symbol, market_timestamp, source
+            partition by symbol, market_timestamp, source, quote_fingerprint
             order by kafka_partition, kafka_offset
         ) as delivery
     from candidates
@@ -48,6 +55,7 @@ select
     current_price,
     volume,
     conditions,
+    quote_fingerprint,
     fetched_at,
     day_high,
     day_low,
@@ -65,5 +73,6 @@ where delivery = 1
     where existing.symbol = ranked.symbol
       and existing.market_timestamp = ranked.market_timestamp
       and existing.source = ranked.source
+      and existing.quote_fingerprint = ranked.quote_fingerprint
   )
 {% endif %}
