@@ -25,8 +25,9 @@ fi
 
 # dbt (the analytics layer, dbt/) in its own virtualenv: dbt-core 1.11 pins pathspec<0.13, which
 # the dev tools above outgrew. scripts/dbt.sh runs it. Re-installed when these pins change.
+# s3fs: DuckDB reads the S3/MinIO archive through it (dbt/profiles.yml, target duckdb-s3).
 DBT_VENV="${DBT_VENV:-$ROOT/.venv-dbt}"
-DBT_REQUIREMENTS=("dbt-core~=1.11.0" "dbt-duckdb~=1.11.0" "dbt-bigquery~=1.11.0")
+DBT_REQUIREMENTS=("dbt-core~=1.11.0" "dbt-duckdb~=1.11.0" "dbt-bigquery~=1.11.0" "s3fs~=2026.9.0")
 if [ ! -x "$DBT_VENV/bin/python" ]; then
   "$PYTHON" -m venv "$DBT_VENV"
 fi

@@ -14,8 +14,8 @@
 # unless the settings say otherwise:
 #   STOCKSTREAM_DATA_DIR, DUCKDB_PATH     the warehouse file dbt ATTACHes read-only (aggregates_1m)
 #   ARCHIVE_LOCAL_DIR, KAFKA_QUOTES_TOPIC the raw archive read with read_parquet (local folder) ...
-#   S3_ENDPOINT, S3_BUCKET, S3_REGION,    ... or from S3/MinIO when S3_ENDPOINT is set (needs
-#   S3_SECURE, S3_ACCESS_KEY, S3_SECRET_KEY   DuckDB's httpfs extension, see README)
+#   S3_ENDPOINT, S3_BUCKET, S3_REGION,    ... or from S3/MinIO when S3_ENDPOINT is set, the
+#   S3_SECURE, S3_ACCESS_KEY, S3_SECRET_KEY   worker's bucket and keys (through s3fs, see README)
 #   AGG_WINDOW_SECONDS, AGG_GRACE_SECONDS, AGG_WATERMARK_QUORUM, AGG_EXCLUDED_CONDITIONS
 #                                         the window rules the reconciliation test applies
 #   ANOMALY_Z_THRESHOLD, ANOMALY_MIN_HISTORY, ANOMALY_HISTORY_WINDOWS, ANOMALY_COOLDOWN_SECONDS
@@ -53,24 +53,27 @@ import os
 import shlex
 import sys
 
+from stockstream.archive.object_store import split_endpoint
 from stockstream.settings import SettingsError, load_settings
 from stockstream.warehouse.backends import duckdb_path
 
 try:
     s = load_settings()
+    a, w, an = s.archive, s.warehouse, s.anomaly
+    # The endpoint exactly as the archive's writer reads it (host:port + S3_SECURE, or a URL).
+    host, secure = split_endpoint(a.endpoint, a.secure) if a.endpoint else ("", a.secure)
 except SettingsError as exc:
     sys.exit(f"dbt.sh: configuration error: {exc}")
 data_dir = s.data_dir.resolve()
 topic = s.kafka.quotes_topic
-a, w, an = s.archive, s.warehouse, s.anomaly
 if a.endpoint:
-    endpoint = a.endpoint.split("://", 1)[-1].rstrip("/")
+    endpoint_url = f"{'https' if secure else 'http'}://{host}"
     archive = f"s3://{a.bucket}/{topic}/**/*.parquet"
 else:
-    endpoint = ""
+    endpoint_url = ""
     archive = str(a.local_dir.resolve() / topic / "**" / "*.parquet")
 values = {
-    # The archive on S3/MinIO needs the duckdb-s3 target (httpfs and an S3 secret).
+    # The archive on S3/MinIO needs the duckdb-s3 target (an S3 file system and its keys).
     "STOCKSTREAM_DBT_TARGET": os.environ.get("DBT_TARGET")
     or ("duckdb-s3" if w.backend == "duckdb" and a.endpoint else w.backend),
     "STOCKSTREAM_DBT_DUCKDB_PATH": os.environ.get("DBT_DUCKDB_PATH")
@@ -78,9 +81,9 @@ values = {
     "STOCKSTREAM_DBT_WAREHOUSE_PATH": str(duckdb_path(s).resolve()),
     "STOCKSTREAM_DBT_WAREHOUSE_TABLE": w.bq_table,
     "STOCKSTREAM_DBT_ARCHIVE_PATH": archive,
-    "STOCKSTREAM_DBT_S3_ENDPOINT": endpoint,
+    "STOCKSTREAM_DBT_S3_ENDPOINT_URL": endpoint_url,
     "STOCKSTREAM_DBT_S3_REGION": a.region,
-    "STOCKSTREAM_DBT_S3_USE_SSL": "true" if a.secure else "false",
+    "STOCKSTREAM_DBT_S3_ANON": "false" if a.access_key.reveal() else "true",
     "DBT_ENV_SECRET_S3_ACCESS_KEY": a.access_key.reveal(),
     "DBT_ENV_SECRET_S3_SECRET_KEY": a.secret_key.reveal(),
     "STOCKSTREAM_DBT_WINDOW_SECONDS": str(s.aggregation.window_seconds),
