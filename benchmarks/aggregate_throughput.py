@@ -39,7 +39,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
+from contenders.progress import read as read_progress
 from worker_profile import Sample, load_pyinstrument, load_pyspy_raw, print_summary
 
 from stockstream.kafka.topics import ensure_topics
@@ -66,7 +67,8 @@ PROFILE_STOP_SIGNAL = PROFILE_START_SIGNAL + 1
 PROFILE_SAVE_SIGNAL = PROFILE_START_SIGNAL + 2
 PYSPY_RATE_HZ = 200
 IDLE_TIMEOUT_S = 2.0
-POLL_S = 0.2
+# Scraping /metrics/ costs the worker; every 0.5 s it is under 1% of its time.
+POLL_S = 0.5
 SEED = 20240607
 QUOTES_METRIC = re.compile(rb'^stockstream_quotes_total\{outcome="([^"]*)"\} (\S+)$', re.M)
 EMITTED_METRIC = re.compile(
@@ -158,10 +160,20 @@ class Run:
     extra_env: dict[str, str] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     web_port: int = field(default_factory=free_port)
+    # Contenders read the preloaded topic of the first run, each with its own output topics.
+    shared_quotes: str | None = None
+
+    def sibling(self, extra_env: dict[str, str]) -> Run:
+        """Another run on the same preloaded quotes: own ids, output topics and data dir."""
+        run = Run(self.bootstrap, self.partitions, self.store, self.data_dir, extra_env)
+        run.data_dir = self.data_dir / run.run_id
+        run.data_dir.mkdir(parents=True)
+        run.shared_quotes = self.quotes_topic
+        return run
 
     @property
     def quotes_topic(self) -> str:
-        return f"bench-quotes-{self.run_id}"
+        return self.shared_quotes or f"bench-quotes-{self.run_id}"
 
     @property
     def aggregated_topic(self) -> str:
@@ -176,6 +188,7 @@ class Run:
             "KAFKA_QUOTES_TOPIC": self.quotes_topic,
             "KAFKA_AGGREGATED_TOPIC": self.aggregated_topic,
             "KAFKA_DLQ_TOPIC": f"bench-dlq-{self.run_id}",
+            "KAFKA_ANOMALIES_TOPIC": f"bench-anomalies-{self.run_id}",
             "KAFKA_PARTITIONS": str(self.partitions),
             "STOCKSTREAM_APP_ID": f"bench-{self.run_id}",
             "STOCKSTREAM_DATA_DIR": str(self.data_dir),
@@ -463,20 +476,15 @@ class Profiling:
             self._spy.wait()
 
 
-class WorkerProcess:
-    def __init__(self, run: Run, log_path: Path, profiling: Profiling | None) -> None:
-        faust_args = ["-A", "stockstream", "worker", "-l", "warn"]
-        if profiling is None:
-            cmd = [sys.executable, "-m", "faust", *faust_args]
-        else:
-            cmd = profiling.command(faust_args)
-        self.port = run.web_port
+class Process:
+    """A contender's process, with its output in `log_path`."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> None:
         self.log_path = log_path
-        self.profiling = profiling
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=run.env(), stdout=self._log, stderr=subprocess.STDOUT
+            cmd, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     def alive(self) -> bool:
@@ -515,6 +523,20 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+class WorkerProcess(Process):
+    def __init__(
+        self, run: Run, log_path: Path, profiling: Profiling | None, loop: str = "aio"
+    ) -> None:
+        faust_args = ["-A", "stockstream", "-L", loop, "worker", "-l", "warn"]
+        if profiling is None:
+            cmd = [sys.executable, "-m", "faust", *faust_args]
+        else:
+            cmd = profiling.command(faust_args)
+        self.port = run.web_port
+        self.profiling = profiling
+        super().__init__(cmd, run.env(), ROOT, log_path)
 
 
 class WorkerGone(RuntimeError):
@@ -567,8 +589,7 @@ async def wait_ready(session: aiohttp.ClientSession, worker: WorkerProcess, limi
 class WorkerResult:
     startup_s: float
     processed_at_ready: int
-    cpu_processing_s: float | None
-    process_s: float | None
+    span: Span
     e2e_s: float | None
     emitted_records: int
     metrics: Metrics | None
@@ -576,6 +597,63 @@ class WorkerResult:
     peak_rss_mb: float | None
     output: OutputCheck | None
     samples: list[Sample] | None
+
+
+@dataclass
+class Span:
+    """A contender's processing phase: from the first poll that saw a record processed (so
+    startup and partition assignment are left out for every contender alike) to the first
+    that saw all of them, with the process's CPU time in between."""
+
+    started: float
+    start_count: int
+    records: int
+    seconds: float | None
+    cpu_s: float | None
+    peak_rss_mb: float | None
+
+    @property
+    def ended(self) -> float:
+        return self.started + (self.seconds or 0.0)
+
+    @property
+    def rate(self) -> float | None:
+        return self.records / self.seconds if self.seconds else None
+
+    @property
+    def cpu_us_per_record(self) -> float | None:
+        if self.cpu_s is None or not self.records:
+            return None
+        return 1e6 * self.cpu_s / self.records
+
+
+async def follow(
+    count: Callable[[], Awaitable[int]], proc: Process, n: int, deadline_s: float
+) -> Span:
+    """Poll `count` until it reaches `n`; the Span of the processing phase."""
+    t_begin = time.perf_counter()
+    deadline = t_begin + deadline_s
+    first: tuple[float, int, float | None] | None = None
+    last_report = t_begin
+    while time.perf_counter() < deadline:
+        if not proc.alive():
+            raise WorkerGone(f"process exited with {proc.proc.returncode}")
+        done = await count()
+        now = time.perf_counter()
+        if first is None and done > 0:
+            first = (now, done, proc.cpu_seconds())
+        if first is not None and done >= n:
+            cpu = proc.cpu_seconds()
+            cpu_s = None if cpu is None or first[2] is None else cpu - first[2]
+            log(f"all {n} records processed after {now - t_begin:.1f} s")
+            return Span(first[0], first[1], n - first[1], now - first[0], cpu_s, proc.peak_rss_mb())
+        if now - last_report >= 10:
+            last_report = now
+            log(f"  {done}/{n} records processed")
+        await asyncio.sleep(POLL_S)
+    log("WARNING: not every record was processed before the deadline")
+    t0, c0 = (first[0], first[1]) if first else (t_begin, 0)
+    return Span(t0, c0, n - c0, None, None, proc.peak_rss_mb())
 
 
 async def measure_worker(
@@ -589,35 +667,17 @@ async def measure_worker(
         if worker.profiling is not None:
             worker.profiling.start(worker.proc.pid)
         at_ready = (await scrape(session, worker)).quotes_total
-        cpu_at_ready = worker.cpu_seconds()
-        cpu_processing: float | None = None
         log(f"worker ready after {startup:.1f} s ({at_ready} quotes already processed)")
 
         # Processing: every quote counted by the agent.
-        t_processed: float | None = None
-        deadline = t_ready + max(600.0, n / 200)
-        last_report = t_ready
         metrics: Metrics | None = None
-        while time.perf_counter() < deadline:
-            if not worker.alive():
-                raise WorkerGone(f"worker exited with {worker.proc.returncode}")
+
+        async def counted() -> int:
+            nonlocal metrics
             metrics = await scrape(session, worker)
-            now = time.perf_counter()
-            if metrics.quotes_total >= n:
-                t_processed = now
-                cpu_now = worker.cpu_seconds()
-                if cpu_now is not None and cpu_at_ready is not None:
-                    cpu_processing = cpu_now - cpu_at_ready
-                break
-            if now - last_report >= 10:
-                last_report = now
-                rate = (metrics.quotes_total - at_ready) / (now - t_ready)
-                log(f"  {metrics.quotes_total}/{n} quotes processed ({rate:,.0f}/s)")
-            await asyncio.sleep(POLL_S)
-        if t_processed is None:
-            log("WARNING: not every quote was processed before the deadline")
-        else:
-            log(f"all {n} quotes processed after {t_processed - t_ready:.1f} s")
+            return metrics.quotes_total
+
+        span = await follow(counted, worker, n, deadline_s=max(600.0, n / 200))
         if worker.profiling is not None:
             worker.profiling.stop(worker.proc.pid)
 
@@ -634,7 +694,7 @@ async def measure_worker(
         if t_e2e is None:
             log(f"WARNING: only {emitted}/{expected_windows} windows arrived before the deadline")
         else:
-            log(f"all {expected_windows} windows in the output after {t_e2e - t_ready:.1f} s")
+            log(f"all {expected_windows} windows in the output after {t_e2e - span.started:.1f} s")
 
         # Settle: give duplicates (a second idle flush, ...) a chance to show up.
         await asyncio.sleep(max(3.0, 2 * IDLE_TIMEOUT_S))
@@ -650,9 +710,8 @@ async def measure_worker(
     return WorkerResult(
         startup_s=startup,
         processed_at_ready=at_ready,
-        cpu_processing_s=cpu_processing,
-        process_s=None if t_processed is None else t_processed - t_ready,
-        e2e_s=None if t_e2e is None else t_e2e - t_ready,
+        span=span,
+        e2e_s=None if t_e2e is None else t_e2e - span.started,
         emitted_records=emitted,
         metrics=metrics,
         dlq_records=dlq,
@@ -711,6 +770,22 @@ def parse_args() -> argparse.Namespace:
         "own (e.g. PRODUCER_LINGER=0.05, which Faust reads from the environment)",
     )
     p.add_argument(
+        "--contenders",
+        default="plain-read,worker",
+        type=lambda text: [parse_contender(t) for t in text.split(",") if t],
+        help="comma-separated, run in this order in every round (default plain-read,worker):\n"
+        f"{', '.join(KINDS)}, or a preset ({', '.join(PRESETS)});\n"
+        "NAME:VAR=VALUE[:VAR=VALUE] sets environment for that one (LOOP=uvloop: Faust's loop)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1, help="rounds of all contenders, interleaved (1)"
+    )
+    p.add_argument(
+        "--reference",
+        default="faust-min",
+        help="the contender the ratio column divides by, round by round (faust-min)",
+    )
+    p.add_argument(
         "--keep",
         action="store_true",
         help="keep the temp data dir (worker log, RocksDB, profile) and the topics",
@@ -729,19 +804,38 @@ def rate(count: float, seconds: float | None) -> str:
     return f"{count / seconds:,.0f} quotes/s ({seconds:.2f} s)"
 
 
+def output_problems(out: OutputCheck, expected: int, n: int) -> list[str]:
+    """What is wrong with a worker's output: every expected window once, counts adding up."""
+    problems = []
+    if out.records != expected or out.distinct != expected:
+        problems.append(
+            f"expected {expected} windows, got {out.records} records ({out.distinct} distinct)"
+        )
+    if out.missing:
+        problems.append(f"{len(out.missing)} missing, e.g. {out.missing[:3]}")
+    if out.extra:
+        problems.append(f"{len(out.extra)} unexpected, e.g. {out.extra[:3]}")
+    if out.duplicates:
+        problems.append(f"{len(out.duplicates)} duplicated windows")
+    if out.quotes_counted != n:
+        problems.append(f"window counts add up to {out.quotes_counted}, not {n}")
+    return problems
+
+
 def report(
     args: argparse.Namespace,
     info: Preloaded,
-    base: tuple[int, float],
+    base: tuple[int, float] | None,
     result: WorkerResult,
+    name: str = "worker",
 ) -> None:
     expected = len(info.windows)
     n = info.quotes
-    base_read, base_s = base
+    base_read, base_s = base or (0, 0.0)
     print()
     print("=" * 72)
     print(
-        f"aggregate throughput  quotes={n:,} symbols={args.symbols} "
+        f"{name}  quotes={n:,} symbols={args.symbols} "
         f"partitions={args.partitions} store={args.store}"
         + (f"  [profiled with {args.profiler}]" if args.profile else "")
         + "".join(f"  {name}={value}" for name, value in args.env)
@@ -754,30 +848,33 @@ def report(
         f"event time spans {span_s / 60:.1f} min"
     )
     print(f"expected windows      {expected:,}")
-    print(
-        f"plain consumer        {rate(base_read, base_s)}  (read + orjson.loads, "
-        f"{base_read:,} records)"
-    )
+    if base is not None:
+        print(
+            f"plain consumer        {rate(base_read, base_s)}  (read + orjson.loads, "
+            f"{base_read:,} records)"
+        )
     print(
         f"worker startup        {result.startup_s:.2f} s (spawn -> /ready/ 200), "
         f"{result.processed_at_ready:,} quotes already processed at ready"
     )
-    processed = n - result.processed_at_ready
+    span = result.span
+    processed = span.records
     print(
-        f"worker processing     {rate(processed, result.process_s)}  (ready -> all quotes "
+        f"worker processing     {rate(processed, span.seconds)}  (first -> all quotes "
         f"counted in stockstream_quotes_total)"
     )
     print(
-        f"worker end-to-end     {rate(processed, result.e2e_s)}  (ready -> all windows in "
+        f"worker end-to-end     {rate(processed, result.e2e_s)}  (first -> all windows in "
         f"the output topic, incl. {IDLE_TIMEOUT_S:.0f} s idle flush)"
     )
-    if result.process_s and base_s:
-        ratio = (processed / result.process_s) / (base_read / base_s)
+    if span.seconds and base_s:
+        ratio = (processed / span.seconds) / (base_read / base_s)
         print(f"ratio worker/plain    {ratio:.3f}  (processing rate / plain consumer rate)")
-    if result.cpu_processing_s is not None and result.process_s:
+    if span.cpu_s is not None and span.seconds:
         print(
-            f"worker CPU            {result.cpu_processing_s:.1f} s user+sys while processing"
-            f" = {100 * result.cpu_processing_s / result.process_s:.0f}% of one core"
+            f"worker CPU            {span.cpu_s:.1f} s user+sys while processing"
+            f" = {100 * span.cpu_s / span.seconds:.0f}% of one core,"
+            f" {span.cpu_us_per_record:.0f} us/quote"
             f" ({os.cpu_count()} CPUs here, broker included)"
         )
     rss = "n/a" if result.peak_rss_mb is None else f"{result.peak_rss_mb:,.0f} MB"
@@ -799,60 +896,244 @@ def report(
         print(
             f"quotes in windows     {out.quotes_counted:,} (sum of window counts; expected {n:,})"
         )
-        problems = []
-        if out.records != expected or out.distinct != expected:
-            problems.append(
-                f"expected {expected} windows, got {out.records} records ({out.distinct} distinct)"
-            )
-        if out.missing:
-            problems.append(f"{len(out.missing)} missing, e.g. {out.missing[:3]}")
-        if out.extra:
-            problems.append(f"{len(out.extra)} unexpected, e.g. {out.extra[:3]}")
-        if out.duplicates:
-            problems.append(f"{len(out.duplicates)} duplicated windows")
-        if out.quotes_counted != n:
-            problems.append(f"window counts add up to {out.quotes_counted}, not {n}")
-        for problem in problems:
+        for problem in output_problems(out, expected, n):
             print(f"!!!!!!!! WARNING: {problem} !!!!!!!!")
     print("=" * 72)
+
+
+# ----------------------------------------------------------------------------- contenders
+
+CONTENDERS_DIR = Path(__file__).resolve().parent / "contenders"
+QUIX_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+# Bigger agent batches (fewer changelog writes per quote) and a deeper stream buffer.
+TUNED = "AGG_BATCH_MAX_EVENTS=5000:AGG_BATCH_MAX_SECONDS=0.25:FAUST_STREAM_BUFFER_MAXSIZE=16384"
+# The archive and the warehouse loader inside the worker (local directory, DuckDB).
+FULL = "ARCHIVE_ENABLED=true:WAREHOUSE_ENABLED=true"
+#: Shorthands for contender specs (`name[:NAME=VALUE]...`; LOOP=uvloop picks Faust's loop).
+PRESETS = {
+    "faust-min-uvloop": "faust-min:LOOP=uvloop",
+    "faust-min-lean": "faust-min:BENCH_LEAN=1",
+    "faust-min-lean-uvloop": "faust-min:BENCH_LEAN=1:LOOP=uvloop",
+    "worker-uvloop": "worker:LOOP=uvloop",
+    "worker-tuned": f"worker:{TUNED}",
+    "worker-tuned-uvloop": f"worker:LOOP=uvloop:{TUNED}",
+    "worker-full": f"worker:{FULL}",
+    "worker-full-tuned": f"worker:{FULL}:{TUNED}",
+}
+KINDS = ("plain-read", "plain-agg", "faust-min", "quix", "worker")
+
+
+@dataclass
+class Contender:
+    spec: str
+    kind: str
+    loop: str
+    env: dict[str, str]
+
+
+def parse_contender(text: str) -> Contender:
+    spec = PRESETS.get(text, text)
+    kind, *pairs = spec.split(":")
+    if kind not in KINDS:
+        raise argparse.ArgumentTypeError(f"unknown contender {kind!r} (one of {KINDS})")
+    env = dict(env_pair(p) for p in pairs)
+    loop = env.pop("LOOP", "aio")
+    return Contender(text, kind, loop, env)
+
+
+@dataclass
+class Outcome:
+    span: Span | None
+    problems: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    from aiokafka.admin import NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+async def run_process_contender(
+    c: Contender, base: Run, info: Preloaded, args: argparse.Namespace
+) -> Outcome:
+    """plain-agg, faust-min, quix: a process that reports its count in a progress file."""
+    run = base.sibling(c.env)
+    progress = run.data_dir / "progress"
+    output = f"bench-out-{run.run_id}"
+    env = {
+        **os.environ,
+        "BENCH_BOOTSTRAP": run.bootstrap,
+        "BENCH_TOPIC": run.quotes_topic,
+        "BENCH_OUTPUT": output,
+        "BENCH_APP_ID": f"bench-{c.kind}-{run.run_id}",
+        "BENCH_PARTITIONS": str(run.partitions),
+        "BENCH_PROGRESS": str(progress),
+        "BENCH_EXPECT": str(info.quotes),
+        "BENCH_DATADIR": str(run.data_dir / "faust"),
+        "BENCH_STATE_DIR": str(run.data_dir / "state"),
+        "BENCH_WEB_PORT": str(run.web_port),
+        **c.env,
+    }
+    if c.kind == "quix":
+        if not QUIX_PYTHON.exists():
+            return Outcome(None, note="skipped: no .venv-bench (see benchmarks/README.md)")
+        cmd = [str(QUIX_PYTHON), str(CONTENDERS_DIR / "quix_aggregate.py")]
+    elif c.kind == "plain-agg":
+        cmd = [sys.executable, str(CONTENDERS_DIR / "plain_aggregate.py")]
+    else:
+        cmd = [sys.executable, "-m", "faust", "-A", "minimal_faust", "-L", c.loop, "worker"]
+        cmd += ["-l", "warn"]
+    if c.kind != "faust-min":
+        await create_topic(run.bootstrap, output, run.partitions)
+    proc = Process(cmd, env, CONTENDERS_DIR, run.data_dir / f"{c.kind}.log")
+
+    async def counted() -> int:
+        return read_progress(str(progress))
+
+    try:
+        span = await follow(counted, proc, info.quotes, deadline_s=max(600.0, info.quotes / 200))
+    except WorkerGone as exc:
+        log(f"{c.spec} failed: {exc}\n{proc.tail()}")
+        return Outcome(None, note=str(exc))
+    finally:
+        proc.stop()
+        await delete_run_topics(run)
+    return Outcome(span)
+
+
+async def run_plain_read(base: Run, info: Preloaded) -> Outcome:
+    cpu = time.process_time()
+    started = time.perf_counter()
+    read, seconds = await baseline(base, info.quotes, timeout_s=600)
+    span = Span(started, 0, read, seconds, time.process_time() - cpu, None)
+    return Outcome(span, note="in the harness process")
+
+
+async def run_worker(
+    c: Contender,
+    base: Run,
+    info: Preloaded,
+    args: argparse.Namespace,
+    plain: tuple[int, float] | None,
+    detail: bool,
+    profile: bool,
+) -> Outcome:
+    run = base.sibling({**dict(args.env), **c.env})
+    profiling = Profiling(args.profiler, run.data_dir) if profile else None
+    worker = WorkerProcess(run, run.data_dir / "worker.log", profiling, c.loop)
+    try:
+        result = await measure_worker(run, worker, info, len(info.windows))
+    except (WorkerGone, TimeoutError) as exc:
+        log(f"worker failed: {exc}\n--- worker log tail:\n{worker.tail()}")
+        return Outcome(None, note=f"failed: {exc}")
+    finally:
+        worker.stop()
+        if profiling is not None:
+            profiling.kill()
+        if not args.keep:
+            await delete_run_topics(run)
+    problems = (
+        []
+        if result.output is None
+        else output_problems(result.output, len(info.windows), info.quotes)
+    )
+    if detail:
+        report(args, info, plain, result, name=c.spec)
+    if profiling is not None:
+        if result.samples is not None:
+            print(f"profile of {c.spec}'s processing phase ({profiling.kind}):")
+            print_summary(result.samples)
+            print("=" * 72)
+        else:
+            print("!!!!!!!! WARNING: the profiler wrote no profile !!!!!!!!")
+    errors = [ln for ln in worker.tail(2000).splitlines() if "ERROR" in ln]
+    note = f"{len(errors)} ERROR log lines" if errors else ""
+    if errors:
+        log(f"{c.spec}: worker log has {len(errors)} ERROR lines, first: {errors[0][:300]}")
+    return Outcome(result.span, problems, note)
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_table(
+    args: argparse.Namespace, info: Preloaded, results: dict[str, list[Outcome]]
+) -> None:
+    """Rates per round, and each contender's rate over the reference's in the same round."""
+    ref = args.reference if args.reference in results else None
+    print()
+    print("=" * 100)
+    print(
+        f"aggregate throughput  quotes={info.quotes:,} symbols={args.symbols} "
+        f"partitions={args.partitions} rounds={args.rounds} (interleaved)  {code_version()}"
+    )
+    print(f"{'contender':<44}{'records/s per round':>26}  {'x ' + (ref or '-'):<18}"
+          f"{'CPU us/rec':>11}{'RSS MB':>8}")  # fmt: skip
+    for name, outcomes in results.items():
+        rates = [o.span.rate if o.span else None for o in outcomes]
+        ratios: list[float] = []
+        if ref is not None:
+            for mine, theirs in zip(outcomes, results[ref], strict=True):
+                if mine.span and theirs.span and mine.span.rate and theirs.span.rate:
+                    ratios.append(mine.span.rate / theirs.span.rate)
+        cpus = [o.span.cpu_us_per_record for o in outcomes if o.span and o.span.cpu_us_per_record]
+        rss = [o.span.peak_rss_mb for o in outcomes if o.span and o.span.peak_rss_mb]
+        ratio = f"{sum(ratios) / len(ratios):.2f}" if ratios else "-"
+        if len(ratios) > 1:
+            ratio += f" ({min(ratios):.2f}-{max(ratios):.2f})"
+        print(
+            f"{name:<44}{' '.join(fmt(r, ',.0f') for r in rates):>26}  {ratio:<18}"
+            f"{fmt(sorted(cpus)[len(cpus) // 2] if cpus else None, '.0f'):>11}"
+            f"{fmt(max(rss) if rss else None, '.0f'):>8}"
+        )
+        for o in outcomes:
+            if o.note:
+                print(f"    {o.note}")
+            for problem in o.problems:
+                print(f"!!!!!!!! WARNING: {name}: {problem} !!!!!!!!")
+    print("=" * 100)
 
 
 async def main_async(args: argparse.Namespace, broker: Broker, data_dir: Path) -> None:
     run = Run(broker.bootstrap, args.partitions, args.store, data_dir, dict(args.env))
     log(f"run {run.run_id}: data dir {data_dir}")
-    worker: WorkerProcess | None = None
+    contenders: list[Contender] = args.contenders
+    results: dict[str, list[Outcome]] = {c.spec: [] for c in contenders}
     try:
         info = await preload(run, args)
         log(
             f"preloaded {info.quotes:,} quotes in {info.seconds:.1f} s into {run.quotes_topic}, "
             f"{len(info.windows):,} expected windows"
         )
-        base = await baseline(run, info.quotes, timeout_s=600)
-        log(f"plain consumer read {base[0]:,} in {base[1]:.2f} s")
-        profiling = Profiling(args.profiler, data_dir) if args.profile else None
-        worker = WorkerProcess(run, data_dir / "worker.log", profiling)
-        try:
-            result = await measure_worker(run, worker, info, len(info.windows))
-        except (WorkerGone, TimeoutError) as exc:
-            log(f"worker failed: {exc}\n--- worker log tail:\n{worker.tail()}")
-            raise
-        finally:
-            worker.stop()
-            if profiling is not None:
-                profiling.kill()
-        report(args, info, base, result)
-        if profiling is not None:
-            if result.samples is not None:
-                print(
-                    f"profile of the processing phase ({profiling.kind}, {profiling.output.name}):"
-                )
-                print_summary(result.samples)
-                print("=" * 72)
-            else:
-                print("!!!!!!!! WARNING: the profiler wrote no profile !!!!!!!!")
-        warnings = [ln for ln in worker.tail(2000).splitlines() if "ERROR" in ln]
-        if warnings:
-            print(f"worker log has {len(warnings)} ERROR lines, first: {warnings[0][:300]}")
+        plain: tuple[int, float] | None = None
+        profiled = False
+        for round_no in range(args.rounds):
+            for c in contenders:
+                log(f"round {round_no + 1}/{args.rounds}: {c.spec}")
+                if c.kind == "plain-read":
+                    outcome = await run_plain_read(run, info)
+                    if outcome.span and outcome.span.seconds:
+                        plain = (outcome.span.records, outcome.span.seconds)
+                elif c.kind == "worker":
+                    profile = args.profile and not profiled
+                    profiled = profiled or profile
+                    outcome = await run_worker(
+                        c, run, info, args, plain, detail=round_no == 0, profile=profile
+                    )
+                else:
+                    outcome = await run_process_contender(c, run, info, args)
+                results[c.spec].append(outcome)
+                span = outcome.span
+                speed = fmt(span.rate if span else None, ",.0f")
+                log(f"{c.spec}: {speed} records/s {outcome.note}")
+        print_table(args, info, results)
     finally:
         if not args.keep:
             try:

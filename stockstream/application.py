@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from faust.utils.terminal import SpinnerHandler
 
 from stockstream.agents.aggregate.agent import Aggregation
 from stockstream.agents.anomaly.agent import AnomalyDetection
@@ -79,7 +80,24 @@ class StockstreamApp(faust.App):
     def _new_producer_transport(self) -> Any:
         return faust_transport.Transport(self.conf.broker_producer, self)
 
+    def _undo_spinner_logging(self) -> None:
+        # `faust worker` at its default `-l warn` (or above) keeps its terminal spinner and, for
+        # it, sets the root logger to DEBUG, our handler to the -l level: every debug call of
+        # every library then builds a record (findCaller included) that is thrown away -- 5% of
+        # the worker's time in benchmarks/ -- and our LOG_LEVEL is overridden. The spinner
+        # has no use in a service's log, so its handler goes and LOG_LEVEL rules again.
+        root = logging.getLogger()
+        spinners = [h for h in root.handlers if isinstance(h, SpinnerHandler)]
+        if not spinners:
+            return
+        for spinner in spinners:
+            root.removeHandler(spinner)
+        for handler in root.handlers:
+            handler.setLevel(logging.NOTSET)
+        root.setLevel(self.settings.log.level)
+
     async def on_first_start(self) -> None:
+        self._undo_spinner_logging()
         # Faust creates only the last path component of its datadir.
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
