@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
+from tests.s3_server import SeaweedS3
 
 PROJECT = "test-project"
 
@@ -165,3 +166,14 @@ def own_bq_emulator(tmp_path: Path) -> Iterator[BigQueryEmulator]:
         yield emulator
     finally:
         emulator.stop()
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[SeaweedS3]:
+    """A fresh S3 server (SeaweedFS) for one test: archive, faults and dbt tests."""
+    server = SeaweedS3(tmp_path / "s3")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -15,7 +15,6 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from stockstream.recovery.recompute import WindowRules
 from stockstream.settings import load_settings
 from stockstream.warehouse.duckdb_backend import DuckDBWarehouse
 from tests.conftest import ROOT
-from tests.integration.test_archive import SECRET_KEY, SeaweedS3
+from tests.s3_server import SECRET_KEY, SeaweedS3
 
 pytestmark = pytest.mark.integration
 
@@ -39,16 +38,6 @@ MINUTES = 8
 SYMBOLS = ("AAA", "BBB", "CCC", "DDD")
 TOPIC = "stock-quotes"  # the worker's default: the layout an operator's bucket has
 PARTITIONS = 2
-
-
-@pytest.fixture
-def s3(tmp_path: Path) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(tmp_path / "s3")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def feed(seed: int = 11) -> list[parquet.ArchiveRow]:

@@ -49,7 +49,6 @@ from tests.integration.harness import (
 from tests.integration.test_aggregation import _dedupe_dlq as dedupe_dlq
 from tests.integration.test_aggregation import check_output
 from tests.integration.test_archive import (
-    SeaweedS3,
     archive_env,
     merge,
     metrics,
@@ -57,6 +56,7 @@ from tests.integration.test_archive import (
 )
 from tests.integration.test_warehouse import bq_rows, bq_stack, check_rows
 from tests.reference import Record, expected_windows
+from tests.s3_server import SeaweedS3
 
 pytestmark = pytest.mark.integration
 
@@ -74,16 +74,6 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnBroker]:
         yield broker
     finally:
         broker.stop()
-
-
-@pytest.fixture
-def s3(tmp_path: Path) -> Iterator[SeaweedS3]:
-    server = SeaweedS3(tmp_path / "s3")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 # -- helpers ----------------------------------------------------------------------------------
