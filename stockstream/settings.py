@@ -180,6 +180,15 @@ class WorkerSettings:
     consumer_auto_offset_reset: Literal["earliest", "latest"] = var(
         "STOCKSTREAM_AUTO_OFFSET_RESET", "earliest"
     )
+    # The broker's longest wait before answering a fetch with no new records. Faust fixes it
+    # at 1.5 s, which a live quote then waited (README, "Performance"); short costs only empty
+    # fetches while idle. Below aiokafka's request timeout (40 s) by a wide margin.
+    fetch_max_wait_seconds: float = var(
+        "STOCKSTREAM_FETCH_MAX_WAIT_SECONDS",
+        0.1,
+        lambda v: 0 < v <= 10,
+        "must be > 0 and <= 10",
+    )
 
 
 @dataclass(frozen=True)

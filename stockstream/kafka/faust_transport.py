@@ -8,7 +8,7 @@ window or a dead letter duplicated without any crash. `IdempotentProducer` asks 
 `enable_idempotence` (and `acks=all`, which it requires) always, so the broker drops the
 repeated batch.
 
-Fetch wait: see `FETCH_MAX_WAIT_MS`.
+Fetch wait: see `FETCH_MAX_WAIT_MS` and STOCKSTREAM_FETCH_MAX_WAIT_SECONDS.
 
 Delivery loop: Faust hands each fetched record to the streams with
 `wait_first(deliver(record), suspend_flow.wait())`, so that a delivery blocked by a full
@@ -30,11 +30,23 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode import Service
 
-#: The broker's longest wait before answering a fetch. Faust fixes it at 1,500 ms, and a live
+from stockstream.settings import Settings
+
+#: The broker's longest wait before answering a fetch, unless the app's settings say
+#: otherwise (STOCKSTREAM_FETCH_MAX_WAIT_SECONDS). Faust fixes it at 1,500 ms, and a live
 #: quote then waited about that long before the agent saw it: at 2,000 quotes/s the close
 #: latency was p50 1.2 s, p99 1.3 s with it and p50 0.36 s, p99 0.56 s with 50 ms
 #: (benchmarks/live_pipeline.py). A short wait only costs empty fetches while idle.
 FETCH_MAX_WAIT_MS = 100
+
+
+def fetch_max_wait_ms(app: Any) -> int:
+    """The fetch wait for `app`'s consumer: its settings' (the worker) or the default (a bare
+    Faust app on this transport, as in benchmarks/)."""
+    settings: Settings | None = getattr(app, "settings", None)
+    if settings is None:
+        return FETCH_MAX_WAIT_MS
+    return max(1, round(settings.worker.fetch_max_wait_seconds * 1000))
 
 
 class IdempotentProducer(faust_aiokafka.Producer):
@@ -80,7 +92,7 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # Read by aiokafka when the consumer starts, which is after this.
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        consumer._fetch_max_wait_ms = fetch_max_wait_ms(transport.app)
         return consumer
 
 

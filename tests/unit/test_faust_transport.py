@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from stockstream.kafka.faust_transport import LeanConsumer, Transport, deliver
+from stockstream.kafka.faust_transport import (
+    FETCH_MAX_WAIT_MS,
+    LeanConsumer,
+    Transport,
+    deliver,
+    fetch_max_wait_ms,
+)
+from stockstream.settings import SettingsError, load_settings
 
 
 class WaitFirst:
@@ -88,3 +95,14 @@ async def test_suspending_the_flow_cancels_a_blocked_delivery_inside_the_callbac
 def test_the_transport_uses_the_lean_consumer_and_the_idempotent_producer() -> None:
     assert Transport.Consumer is LeanConsumer
     assert Transport.Producer._settings_extra is not Transport.__mro__[1].Producer._settings_extra
+
+
+def test_the_fetch_wait_comes_from_the_settings_and_has_a_default_for_bare_apps() -> None:
+    class App:
+        settings = load_settings({"STOCKSTREAM_FETCH_MAX_WAIT_SECONDS": "0.25"}, dotenv_path=None)
+
+    assert fetch_max_wait_ms(App()) == 250
+    assert fetch_max_wait_ms(object()) == FETCH_MAX_WAIT_MS == 100
+    for bad in ("0", "11", "x"):
+        with pytest.raises(SettingsError, match="STOCKSTREAM_FETCH_MAX_WAIT_SECONDS"):
+            load_settings({"STOCKSTREAM_FETCH_MAX_WAIT_SECONDS": bad}, dotenv_path=None)
