@@ -905,8 +905,8 @@ def report(
 
 CONTENDERS_DIR = Path(__file__).resolve().parent / "contenders"
 QUIX_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-# Bigger agent batches (fewer changelog writes per quote) and a deeper stream buffer.
-TUNED = "AGG_BATCH_MAX_EVENTS=5000:AGG_BATCH_MAX_SECONDS=0.25:FAUST_STREAM_BUFFER_MAXSIZE=16384"
+# Bigger fetches (so bigger batches: fewer changelog writes per quote).
+TUNED = "FAUST_CONSUMER_MAX_FETCH_SIZE=4194304"
 # The archive and the warehouse loader inside the worker (local directory, DuckDB).
 FULL = "ARCHIVE_ENABLED=true:WAREHOUSE_ENABLED=true"
 #: Shorthands for contender specs (`name[:NAME=VALUE]...`; LOOP=uvloop picks Faust's loop).
@@ -914,6 +914,8 @@ PRESETS = {
     "faust-min-uvloop": "faust-min:LOOP=uvloop",
     "faust-min-lean": "faust-min:BENCH_LEAN=1",
     "faust-min-lean-uvloop": "faust-min:BENCH_LEAN=1:LOOP=uvloop",
+    "faust-min-batched": "faust-min:BENCH_LEAN=1:BENCH_BATCHED=1",
+    "faust-min-batched-uvloop": "faust-min:BENCH_LEAN=1:BENCH_BATCHED=1:LOOP=uvloop",
     "worker-uvloop": "worker:LOOP=uvloop",
     "worker-tuned": f"worker:{TUNED}",
     "worker-tuned-uvloop": f"worker:LOOP=uvloop:{TUNED}",

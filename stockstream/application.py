@@ -32,6 +32,7 @@ from stockstream.archive.object_store import from_settings as object_store
 from stockstream.deadletter import DeadLetters
 from stockstream.kafka import clients, faust_transport
 from stockstream.kafka.consumer_service import ConsumerServiceRunner
+from stockstream.kafka.record_batches import BatchedTopic
 from stockstream.kafka.topics import clock_topic_name, ensure_topics
 from stockstream.logs import logging_config
 from stockstream.settings import Settings, SettingsError, load_settings
@@ -163,7 +164,11 @@ def create_app(settings: Settings) -> StockstreamApp:
     )
     # One agent reads quotes and idle ticks, so ticks run in the same partition context (and
     # the same changelog partition) as the quotes whose windows they close.
-    aggregation.register(topic(kafka.quotes_topic, clock_topic_name(settings)))
+    # Delivered a fetched batch per partition at a time (kafka/record_batches.py).
+    quotes_and_ticks = BatchedTopic(
+        app, topics=[kafka.quotes_topic, clock_topic_name(settings)], partitions=kafka.partitions
+    )
+    aggregation.register(quotes_and_ticks)
     if settings.anomaly.enabled:
         # Its own topic: a second agent on the quotes topic would stall the first.
         anomalies = AnomalyDetection(

@@ -95,8 +95,6 @@ class AggregationSettings:
     excluded_conditions: tuple[str, ...] = var(
         "AGG_EXCLUDED_CONDITIONS", ("3", "5", "12", "17", "24", "26", "37")
     )
-    batch_max_events: int = var("AGG_BATCH_MAX_EVENTS", 1000, _positive, "must be > 0")
-    batch_max_seconds: float = var("AGG_BATCH_MAX_SECONDS", 0.05, _positive, "must be > 0")
 
     @property
     def excluded_condition_codes(self) -> frozenset[str]:
@@ -332,6 +330,16 @@ class Settings:
     alerts: AlertSettings = field(default_factory=AlertSettings)
 
 
+#: Settings that were removed, with what replaced them: set, they stop the start-up rather than
+#: being ignored in silence.
+RETIRED = {
+    name: "the aggregation agent takes each fetched batch of a partition whole"
+    " (README, Performance); its size follows FAUST_CONSUMER_MAX_FETCH_SIZE and"
+    " STOCKSTREAM_FETCH_MAX_WAIT_SECONDS"
+    for name in ("AGG_BATCH_MAX_EVENTS", "AGG_BATCH_MAX_SECONDS")
+}
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None,
     dotenv_path: str | Path | None = ".env",
@@ -347,6 +355,8 @@ def load_settings(
     directory = Path(config_dir or layered.get("STOCKSTREAM_CONFIG_DIR", "config"))
     profile = envconfig.profile_values(directory, env_raw, "STOCKSTREAM_ENV" in layered)
     values = {**profile, **layered}
+    for name in sorted(values.keys() & RETIRED.keys()):
+        raise SettingsError(f"{name}: no longer read: {RETIRED[name]}")
     settings: Settings = envconfig.build(Settings, values)
     if settings.env == "prod":  # first: a refused credential is the problem to report
         _check_prod(settings, values)

@@ -6,7 +6,9 @@
 The engine's floor for `faust -A stockstream worker`: the same consumer settings as the
 worker (application.py), nothing of its own work. The harness (aggregate_throughput.py) runs it.
 BENCH_LEAN=1 gives it the worker's transport (stockstream/kafka/faust_transport.py) instead of
-Faust's own: the floor of the engine as the worker runs it.
+Faust's own: the floor of the engine as the worker runs it. BENCH_BATCHED=1 (with BENCH_LEAN=1)
+subscribes through a BatchedTopic (stockstream/kafka/record_batches.py), as the worker's
+aggregation agent does: one event per fetched batch of a partition.
 """
 
 from __future__ import annotations
@@ -45,14 +47,24 @@ app = (LeanApp if env.get("BENCH_LEAN") == "1" else faust.App)(
     stream_wait_empty=True,
     env_prefix="FAUST_",
 )
-quotes = app.topic(env["BENCH_TOPIC"])
 progress = Progress.from_env()
 BATCH = int(env.get("BENCH_BATCH", "1000"))
 
+if env.get("BENCH_BATCHED") == "1":
+    from stockstream.kafka.record_batches import BatchedTopic
 
-@app.agent(quotes)
-async def count(stream: Any) -> None:
-    async for batch in stream.take(BATCH, within=0.05):
-        for value in batch:
-            orjson.loads(value)
-        progress.add(len(batch))
+    @app.agent(BatchedTopic(app, topics=[env["BENCH_TOPIC"]]))
+    async def count_batches(stream: Any) -> None:
+        async for records in stream:
+            for record in records:
+                orjson.loads(record.value)
+            progress.add(len(records))
+
+else:
+
+    @app.agent(app.topic(env["BENCH_TOPIC"]))
+    async def count(stream: Any) -> None:
+        async for batch in stream.take(BATCH, within=0.05):
+            for value in batch:
+                orjson.loads(value)
+            progress.add(len(batch))

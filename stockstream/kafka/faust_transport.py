@@ -10,7 +10,9 @@ repeated batch.
 
 Fetch wait: see `FETCH_MAX_WAIT_MS` and STOCKSTREAM_FETCH_MAX_WAIT_SECONDS.
 
-Delivery loop: Faust hands each fetched record to the streams with
+Delivery loop: records of a `BatchedTopic` go out one `RecordBatch` per partition and fetch
+(kafka/record_batches.py), and a batch's acknowledgement acknowledges each of its records.
+Faust hands each other fetched record to the streams with
 `wait_first(deliver(record), suspend_flow.wait())`, so that a delivery blocked by a full
 stream buffer, the producer's buffer or flow control (a rebalance) is abandoned when the flow
 is suspended. `wait_first` creates four tasks per record and cancels three, and that was a
@@ -28,8 +30,12 @@ from typing import Any, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
+from faust.types.tuples import ack_lock
 from mode import Service
+from mode.utils.futures import notify
 
+from stockstream.kafka.record_batches import RecordBatch, is_batched
 from stockstream.settings import Settings
 
 #: The broker's longest wait before answering a fetch, unless the app's settings say
@@ -97,8 +103,58 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class LeanConsumer(faust_aiokafka.Consumer):
+    _batched: dict[str, bool]
+    _batched_generation: int | None = None
+
     def _new_consumer_thread(self) -> Any:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def is_batched(self, topic: str) -> bool:
+        """Whether `topic`'s subscribers take `RecordBatch`es, as the conductor's
+        subscriptions say (they change with a rebalance, so the answers are kept per
+        generation)."""
+        generation = self.app.consumer_generation_id
+        if self._batched_generation != generation:
+            self._batched, self._batched_generation = {}, generation
+        batched = self._batched.get(topic)
+        if batched is None:
+            index = cast(Any, self.app.topics)._topic_name_index  # the Conductor
+            batched = self._batched[topic] = is_batched(index.get(topic, ()))
+        return batched
+
+    def ack(self, message: Any) -> bool:
+        if isinstance(message, RecordBatch):
+            return self.ack_batch(message)
+        return bool(super().ack(message))
+
+    def ack_batch(self, batch: RecordBatch) -> bool:
+        """Faust's `ack` for each record of `batch` (Faust commits an offset once it and
+        every offset before it is acknowledged or a known gap)."""
+        with ack_lock:
+            if batch.acked:
+                return False
+            batch.acked = True
+            try:
+                tp = batch.tp
+                if not self.app.topics.acks_enabled_for(batch.topic):
+                    return False
+                committed = self._committed_offset[tp]
+                acked_index = self._acked_index[tp]
+                offsets = [
+                    record.offset
+                    for record in batch.records
+                    if (committed is None or record.offset >= committed)
+                    and record.offset not in acked_index
+                ]
+                self._unacked_messages.discard(batch)
+                if not offsets:
+                    return False
+                acked_index.update(offsets)
+                self._acked[tp].extend(offsets)
+                self._n_acked += len(offsets)
+                return True
+            finally:
+                notify(self._waiting_for_ack)
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - the worker's
         # loop, covered by every integration test and the benchmarks (Faust's own is too).
@@ -114,6 +170,7 @@ class LeanConsumer(faust_aiokafka.Consumer):
         acks_enabled_for = self.app.topics.acks_enabled_for
         wait_first = self.wait_first
         suspended = self.suspend_flow
+        is_batched = self.is_batched
         yield_every = 100
         num_since_yield = 0
         sleep = asyncio.sleep
@@ -123,6 +180,7 @@ class LeanConsumer(faust_aiokafka.Consumer):
                 ait = cast(AsyncIterator[Any], getmany(timeout=1.0))
                 await self.sleep(0)
                 if not self.should_stop:
+                    batches: dict[TP, list[Any]] = {}
                     async for tp, message in ait:
                         num_since_yield += 1
                         if num_since_yield > yield_every:
@@ -137,8 +195,19 @@ class LeanConsumer(faust_aiokafka.Consumer):
                             if commit_every is not None and self._n_acked >= commit_every:
                                 self._n_acked = 0
                                 await self.commit()
-                            await deliver(callback, message, wait_first, suspended)
+                            if is_batched(message.topic):
+                                batch = batches.get(tp)
+                                if batch is None:
+                                    batches[tp] = [message]
+                                else:
+                                    batch.append(message)
+                            else:
+                                await deliver(callback, message, wait_first, suspended)
                             set_read_offset(tp, offset)
+                    # Whatever ended the fetch (its end, a rebalance), what was taken from it
+                    # is delivered, as Faust delivers each record as it is taken.
+                    for tp, records in batches.items():
+                        await deliver(callback, RecordBatch.of(tp, records), wait_first, suspended)
                     unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:

@@ -149,9 +149,6 @@ class WindowState:
     def mark_dirty(self, partition: int, window: WindowAggregate) -> None:
         self._dirty.setdefault(partition, {})[(window.symbol, window.start_ms)] = window
 
-    def dirty_partitions(self) -> list[int]:
-        return [p for p, windows in self._dirty.items() if windows]
-
     def write_dirty(self, partition: int) -> None:
         """Write every changed window of `partition` (the caller provides its stream context).
 

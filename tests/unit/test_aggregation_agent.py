@@ -45,6 +45,29 @@ class Event:  # a dataclass instance can be weak-referenced, as Faust's events a
 
 
 @dataclass
+class Batch:  # what Faust delivers from a BatchedTopic: one fetch of one partition
+    message: Message
+    value: list[Message]
+
+
+async def feed(agg: Aggregation, events: list[Event]) -> None:
+    """Hand `events` to the agent as the consumer would: consecutive records of one topic
+    partition together in one batch."""
+    batches: list[list[Message]] = []
+    for event in events:
+        message = event.message
+        last = batches[-1][-1] if batches else None
+        if last is not None and (last.topic, last.partition) == (message.topic, message.partition):
+            batches[-1].append(message)
+        else:
+            batches.append([message])
+    for records in batches:
+        last = records[-1]
+        batch = Message(last.topic, last.partition, last.offset, None, None, last.timestamp)
+        await agg.process_batch(Batch(batch, records))
+
+
+@dataclass
 class Metadata:
     offset: int
 
@@ -172,7 +195,7 @@ def windows_in(output: list[tuple[int, bytes]]) -> Counter[tuple[str, int]]:
 async def test_a_window_whose_ack_was_lost_is_not_written_twice(settings: Settings) -> None:
     broker = FakeBroker(fail_sends=["written"])
     agg = make(settings, broker)
-    await agg.process_batch([quote("AAPL", T0 + 1_000, 0), quote("AAPL", T0 + MIN + 6_000, 1)])
+    await feed(agg, [quote("AAPL", T0 + 1_000, 0), quote("AAPL", T0 + MIN + 6_000, 1)])
     assert windows_in(broker.output) == Counter({("AAPL", T0): 1})
     assert broker.read_backs == 2  # at load, and after the failed send
 
@@ -180,7 +203,7 @@ async def test_a_window_whose_ack_was_lost_is_not_written_twice(settings: Settin
 async def test_a_window_the_broker_did_not_write_is_sent_again(settings: Settings) -> None:
     broker = FakeBroker(fail_sends=["lost", "lost"])
     agg = make(settings, broker)
-    await agg.process_batch([quote("AAPL", T0 + 1_000, 0), quote("AAPL", T0 + MIN + 6_000, 1)])
+    await feed(agg, [quote("AAPL", T0 + 1_000, 0), quote("AAPL", T0 + MIN + 6_000, 1)])
     assert windows_in(broker.output) == Counter({("AAPL", T0): 1})
 
 
@@ -196,20 +219,20 @@ async def test_windows_of_two_closes_lost_in_a_crash_are_not_written_again(
         quote("AAPL", T0 + 2 * MIN + 6_000, 2),
     ]
     first = FakeBroker()
-    await make(settings, first).process_batch(quotes)
+    await feed(make(settings, first), quotes)
     assert windows_in(first.output) == Counter({("AAPL", T0): 1, ("AAPL", T0 + MIN): 1})
     # Restart from a changelog without those closes (nothing checkpointed): same quotes again.
     restarted = FakeBroker(output=list(first.output))
     table: dict[str, Any] = {}
     agg = make(settings, restarted, table=table)
-    await agg.process_batch(quotes[:2])  # re-closes the first window only
+    await feed(agg, quotes[:2])  # re-closes the first window only
     clock = decode_clock(table["c|0"])
     assert clock.emitted_offset == 0, "the checkpoint must not pass the second window"
     # A second crash here: the next worker still finds the second window.
     again = make(settings, restarted, table=dict(table))
-    await again.process_batch(quotes[1:])
+    await feed(again, quotes[1:])
     assert windows_in(restarted.output) == Counter({("AAPL", T0): 1, ("AAPL", T0 + MIN): 1})
-    await agg.process_batch(quotes[2:])
+    await feed(agg, quotes[2:])
     assert windows_in(restarted.output) == Counter({("AAPL", T0): 1, ("AAPL", T0 + MIN): 1})
 
 
@@ -218,7 +241,7 @@ async def test_records_the_stream_skipped_are_read_and_counted(settings: Setting
     broker = FakeBroker()
     agg = make(settings, broker, stream=stream)
     # Faust delivers 0, then 5: 1-4 were skipped (seen after a restart under a rebalance).
-    await agg.process_batch([stream[0], stream[5], quote("AAPL", T0 + MIN + 6_000, 6)])
+    await feed(agg, [stream[0], stream[5], quote("AAPL", T0 + MIN + 6_000, 6)])
     assert windows_in(broker.output) == Counter({("AAPL", T0): 1})
     assert orjson.loads(broker.output[0][1])["count"] == 6
 
@@ -228,15 +251,15 @@ async def test_a_failed_read_back_is_retried_before_anything_is_emitted(
 ) -> None:
     # Before a restart the window was emitted, but its close never reached the changelog.
     first = FakeBroker()
-    await make(settings, first).process_batch(
-        [quote("AAPL", T0 + 1_000, 0), quote("AAPL", T0 + MIN + 6_000, 1)]
+    await feed(
+        make(settings, first), [quote("AAPL", T0 + 1_000, 0), quote("AAPL", T0 + MIN + 6_000, 1)]
     )
     assert windows_in(first.output) == Counter({("AAPL", T0): 1})
     restarted = FakeBroker(output=list(first.output), fail_read_backs=1)
     agg = make(settings, restarted)
     # The restored state re-closes the window (its offsets were not committed): suppressed,
     # because the read-back found it even though the first attempt failed.
-    await agg.process_batch([quote("AAPL", T0 + 1_000, 0), quote("AAPL", T0 + MIN + 6_000, 1)])
+    await feed(agg, [quote("AAPL", T0 + 1_000, 0), quote("AAPL", T0 + MIN + 6_000, 1)])
     assert restarted.read_backs == 2
     assert windows_in(restarted.output) == Counter({("AAPL", T0): 1})
 
@@ -261,18 +284,18 @@ async def test_a_blocked_agent_does_not_flush_windows_whose_quotes_are_waiting(
     broker = FakeBroker()
     agg = make(settings, broker, end_offset)
     tick = Event(Message(clock_topic_name(settings), 0, 0, b"tick", b"{}"))
-    await agg.process_batch([quote("AAPL", T0 + 1_000, 0)])
+    await feed(agg, [quote("AAPL", T0 + 1_000, 0)])
     # Blocked for 30 s (three idle timeouts: a rebalance, a slow start) while four more
     # quotes arrived; when it resumes, a tick happens to come first.
     clock[0] += 30
     end[0] = 5
     backlog = [quote("AAPL", T0 + 2_000 + i, i) for i in range(1, 5)]
-    await agg.process_batch([tick, *backlog])
+    await feed(agg, [tick, *backlog])
     assert broker.output == []
     # Then nothing else arrives: idle after the timeout, with all five quotes.
     for _ in range(3):
         clock[0] += 5
-        await agg.process_batch([tick])
+        await feed(agg, [tick])
     assert windows_in(broker.output) == Counter({("AAPL", T0): 1})
     assert orjson.loads(broker.output[0][1])["count"] == 5
 
@@ -286,11 +309,11 @@ async def test_an_end_offset_beyond_the_last_record_delays_but_does_not_stop_the
     broker = FakeBroker()
     agg = make(settings, broker, end_offset)
     tick = Event(Message(clock_topic_name(settings), 0, 0, b"tick", b"{}"))
-    await agg.process_batch([quote("AAPL", T0 + 1_000, 0)])
+    await feed(agg, [quote("AAPL", T0 + 1_000, 0)])
     flushed_at = None
     for step in range(1, 7):
         clock[0] += 5
-        await agg.process_batch([tick])
+        await feed(agg, [tick])
         if broker.output and flushed_at is None:
             flushed_at = step * 5
     assert flushed_at is not None and 10 < flushed_at <= 20
@@ -306,10 +329,10 @@ async def test_no_flush_while_the_broker_cannot_say_what_is_waiting(
     broker = FakeBroker()
     agg = make(settings, broker, end_offset)
     tick = Event(Message(clock_topic_name(settings), 0, 0, b"tick", b"{}"))
-    await agg.process_batch([quote("AAPL", T0 + 1_000, 0)])
+    await feed(agg, [quote("AAPL", T0 + 1_000, 0)])
     for _ in range(10):
         clock[0] += 5
-        await agg.process_batch([tick])
+        await feed(agg, [tick])
     assert broker.output == []
 
 
@@ -319,7 +342,7 @@ async def test_a_batch_ends_only_once_its_dead_letters_are_delivered(
     broker = FakeBroker(fail_dlq=2)
     agg = make(settings, broker)
     bad = Event(Message("stock-quotes", 0, 0, b"AAPL", b"{not json"))
-    await agg.process_batch([bad, quote("AAPL", T0, 1)])
+    await feed(agg, [bad, quote("AAPL", T0, 1)])
     assert len(broker.dlq) == 1
     assert orjson.loads(broker.dlq[0])["reason"] == "malformed"
 
@@ -337,8 +360,9 @@ async def test_an_error_in_one_record_dead_letters_it_and_the_batch_goes_on(
         return real(key, value, now_ms)
 
     monkeypatch.setattr(agg.validator, "parse", parse)
-    await agg.process_batch(
-        [quote("BOOM", T0, 0), quote("AAPL", T0 + 1_000, 1), quote("AAPL", T0 + MIN + 6_000, 2)]
+    await feed(
+        agg,
+        [quote("BOOM", T0, 0), quote("AAPL", T0 + 1_000, 1), quote("AAPL", T0 + MIN + 6_000, 2)],
     )
     assert [orjson.loads(d)["reason"] for d in broker.dlq] == ["internal-error"]
     assert windows_in(broker.output) == Counter({("AAPL", T0): 1})
@@ -406,7 +430,7 @@ def test_any_record_ends_in_a_window_or_in_the_dlq_with_a_reason(
             Event(Message("stock-quotes", 0, offset, key, value))
             for offset, (key, value) in enumerate(stream)
         ]
-        await agg.process_batch(events)
+        await feed(agg, events)
         # Then the partition goes idle: every open window comes out.
         windows = agg.state.get(0)
         if windows is not None and windows.open:
@@ -440,7 +464,7 @@ async def test_close_lag_batch_time_and_consumer_lag_are_measured(settings: Sett
     lag_before = sample("stockstream_window_close_lag_seconds_sum")
     moved = quote("AAPL", T0 + MIN + 6_000, 1)
     moved.message.timestamp = time.time() - 2.0  # appended 2 s ago: it closes AAPL's window
-    await agg.process_batch([quote("AAPL", T0 + 1_000, 0), moved])
+    await feed(agg, [quote("AAPL", T0 + 1_000, 0), moved])
     assert windows_in(broker.output) == Counter({("AAPL", T0): 1})
     assert sample("stockstream_window_close_lag_seconds_count") == closes + 1
     assert sample("stockstream_window_close_lag_seconds_sum") - lag_before >= 2.0

@@ -1,12 +1,18 @@
 """The worker's delivery loop step (kafka/faust_transport.py): inline while a delivery does not
-block, else continued exactly as a Task would, under Faust's `wait_first`."""
+block, else continued exactly as a Task would, under Faust's `wait_first`; and the batched
+delivery (kafka/record_batches.py): what a batch carries and how its acknowledgement reaches
+Faust's commit bookkeeping. The loop itself runs in every worker integration test."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
+import faust
 import pytest
+from faust.types import TP
+from faust.types.tuples import ConsumerMessage
 
 from stockstream.kafka.faust_transport import (
     FETCH_MAX_WAIT_MS,
@@ -14,6 +20,12 @@ from stockstream.kafka.faust_transport import (
     Transport,
     deliver,
     fetch_max_wait_ms,
+)
+from stockstream.kafka.record_batches import (
+    BATCH_BUFFER_SIZE,
+    BatchedTopic,
+    RecordBatch,
+    is_batched,
 )
 from stockstream.settings import SettingsError, load_settings
 
@@ -106,3 +118,97 @@ def test_the_fetch_wait_comes_from_the_settings_and_has_a_default_for_bare_apps(
     for bad in ("0", "11", "x"):
         with pytest.raises(SettingsError, match="STOCKSTREAM_FETCH_MAX_WAIT_SECONDS"):
             load_settings({"STOCKSTREAM_FETCH_MAX_WAIT_SECONDS": bad}, dotenv_path=None)
+
+
+# -- batched delivery (kafka/record_batches.py) -------------------------------------------
+
+
+def record(offset: int, partition: int = 0, topic: str = "quotes") -> ConsumerMessage:
+    return ConsumerMessage(topic, partition, offset, 1.0, 0, [], b"k", b"v", None)
+
+
+@pytest.fixture(name="consumer")
+def consumer_fixture() -> Iterator[LeanConsumer]:
+    app = faust.App("unit-batches", broker="kafka://127.0.0.1:1")
+    transport = Transport(app.conf.broker[0], app)
+
+    async def nothing(*args: Any) -> None:
+        return None
+
+    consumer = LeanConsumer(
+        transport,
+        callback=nothing,
+        on_partitions_revoked=nothing,
+        on_partitions_assigned=nothing,
+    )
+    app.topics.acking_topics.add("quotes")
+    yield consumer
+
+
+def test_a_batch_has_its_last_record_s_coordinates_and_its_records_as_value() -> None:
+    tp = TP("quotes", 2)
+    records = [record(o, 2) for o in (5, 6, 9)]
+    batch = RecordBatch.of(tp, records)
+    assert (batch.topic, batch.partition, batch.offset, batch.tp) == ("quotes", 2, 9, tp)
+    assert list(batch.records) == records and batch.value is records
+
+
+def test_acknowledging_a_batch_makes_each_of_its_offsets_committable(
+    consumer: LeanConsumer,
+) -> None:
+    tp = TP("quotes", 0)
+    consumer._committed_offset[tp] = 10
+    first = RecordBatch.of(tp, [record(o) for o in range(10, 13)])
+    second = RecordBatch.of(tp, [record(o) for o in range(13, 16)])
+    assert consumer.ack(second) is True
+    # Offsets 13..15 are done, 10..12 are not: nothing may be committed yet.
+    assert consumer._new_offset(tp) is None
+    assert consumer.ack(first) is True
+    assert consumer._new_offset(tp) == 16
+    assert consumer.ack(first) is False  # twice is once
+    assert consumer._n_acked == 6
+
+
+def test_a_batch_with_holes_commits_through_the_known_gap(consumer: LeanConsumer) -> None:
+    async def run() -> int | None:
+        tp = TP("quotes", 0)
+        # Offsets 2 and 3 are transaction markers: the delivery loop records them as a gap.
+        await consumer._add_gap(tp, 2, 3)
+        consumer.ack(RecordBatch.of(tp, [record(0), record(1), record(4), record(5)]))
+        return consumer._new_offset(tp)
+
+    assert asyncio.run(run()) == 6
+
+
+def test_offsets_already_committed_are_not_acknowledged_again(consumer: LeanConsumer) -> None:
+    tp = TP("quotes", 0)
+    consumer._committed_offset[tp] = 4
+    assert consumer.ack(RecordBatch.of(tp, [record(o) for o in range(0, 6)])) is True
+    assert sorted(consumer._acked[tp]) == [4, 5]
+    assert consumer.ack(RecordBatch.of(tp, [record(o) for o in range(1, 3)])) is False
+
+
+def test_a_single_record_is_acknowledged_as_faust_does(consumer: LeanConsumer) -> None:
+    tp = TP("quotes", 1)
+    assert consumer.ack(record(0, 1)) is True
+    assert consumer._new_offset(tp) == 1
+
+
+async def test_a_batched_topic_hands_the_records_over_undecoded() -> None:
+    app = faust.App("unit-batches-decode", broker="kafka://127.0.0.1:1")
+    topic = BatchedTopic(app, topics=["quotes"])
+    records = [record(0), record(1)]
+    event = await topic.decode(RecordBatch.of(TP("quotes", 0), records))
+    assert event.value is records and event.key is None
+    assert topic.maxsize == BATCH_BUFFER_SIZE
+    assert isinstance(topic.clone(is_iterator=True), BatchedTopic)
+
+
+def test_a_topic_is_batched_only_when_all_its_subscribers_are() -> None:
+    app = faust.App("unit-batches-kinds", broker="kafka://127.0.0.1:1")
+    batched, plain = BatchedTopic(app, topics=["quotes"]), app.topic("quotes")
+    assert is_batched([batched]) is True
+    assert is_batched([plain]) is False
+    assert is_batched([]) is False
+    with pytest.raises(TypeError, match="both batched and per-record"):
+        is_batched([batched, plain])

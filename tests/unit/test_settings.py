@@ -142,3 +142,9 @@ def test_json_log_line_carries_context() -> None:
 )
 def test_urls_in_settings_are_shown_without_tokens(text: str, shown: str) -> None:
     assert redact_url(text) == shown
+
+
+@pytest.mark.parametrize("name", ["AGG_BATCH_MAX_EVENTS", "AGG_BATCH_MAX_SECONDS"])
+def test_a_retired_setting_stops_the_start_up_instead_of_being_ignored(name: str) -> None:
+    with pytest.raises(SettingsError, match=f"{name}: no longer read: .*fetched batch"):
+        load_settings({name: "5000"}, dotenv_path=None)

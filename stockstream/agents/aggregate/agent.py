@@ -115,46 +115,41 @@ class Aggregation:
     # -- the agent ---------------------------------------------------------------------
 
     async def process(self, stream: Any) -> None:
-        # Batches: Faust acknowledges a batch's offsets only after this loop body returns, so
+        # The source is a BatchedTopic (application.py): each event is one fetch of one
+        # partition, and Faust acknowledges its offsets only after this loop body returns, so
         # the window writes deferred to the end of the batch, and the batch's dead letters,
         # are in Kafka before any offset that depends on them can be committed.
-        conf = self.conf
-        async for batch in stream.take_events(conf.batch_max_events, within=conf.batch_max_seconds):
-            await self.process_batch(batch)
+        async for event in stream.events():
+            await self.process_batch(event)
 
-    async def process_batch(self, batch: list[Any]) -> None:
+    async def process_batch(self, event: Any) -> None:
+        """Fold one batch: `event.value` holds the records of `event.message`'s partition."""
         started = time.perf_counter()
         try:
-            await self._process_batch(batch)
+            await self._process_batch(event)
         finally:
             _BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _process_batch(self, batch: list[Any]) -> None:
-        # Clocks and gauges are per batch, not per quote (a batch spans at most
-        # AGG_BATCH_MAX_SECONDS): each cost as much as the fold itself in profiles.
+    async def _process_batch(self, event: Any) -> None:
+        # Clocks and gauges are per batch, not per quote (a batch spans at most one fetch
+        # wait): each cost as much as the fold itself in profiles.
         self._now, self._active = time.time(), time.monotonic()
         self._applied = 0
-        last_of_partition: dict[int, Any] = {}
-        for event in batch:
-            _enter(event)
-            await self._handle(event)
-            last_of_partition[event.message.partition] = event
+        # Table writes go to the changelog partition of the current event.
+        _enter(event)
+        partition = event.message.partition
+        handle = self._handle
+        for record in event.value:
+            await handle(record)
         if self._applied:
             _APPLIED.inc(self._applied)
-        for partition in last_of_partition:
-            windows = self.state.get(partition)
-            if windows is not None:
-                self._watermark_gauge(partition).set(windows.clock.watermark_ms / 1000)
-        for partition in self.state.dirty_partitions():
-            event = last_of_partition.get(partition)
-            if event is None:  # pragma: no cover - dirty windows come from this batch
-                continue
-            _enter(event)
-            self.state.write_dirty(partition)
+        windows = self.state.get(partition)
+        if windows is not None:
+            self._watermark_gauge(partition).set(windows.clock.watermark_ms / 1000)
+        self.state.write_dirty(partition)
         await self.dead_letters.deliver()
 
-    async def _handle(self, event: Any) -> None:
-        message = event.message
+    async def _handle(self, message: Any) -> None:
         is_tick = message.topic == self._clock_topic
         try:
             if is_tick:
