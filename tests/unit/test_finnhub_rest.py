@@ -207,14 +207,15 @@ async def test_429_without_retry_after_backs_off_exponentially(fake: FakeFinnhub
     fake.set_quote("AAPL", 190.5, t=T0)
     fake.script(*[Fault.rate_limited()] * 3)
     source = FinnhubQuoteSource(
-        fake.settings(backoff_initial_seconds=0.05, backoff_max_seconds=1.0, max_retries=4)
+        # Steps long enough that a loaded machine's scheduling delay cannot reorder them.
+        fake.settings(backoff_initial_seconds=0.2, backoff_max_seconds=2.0, max_retries=4)
     )
     assert await source.fetch("AAPL") is not None
     await source.close()
     assert [r.status for r in fake.requests] == [429, 429, 429, 200]
     waits = gaps([r.at for r in fake.requests])
     for k, wait in enumerate(waits):
-        assert wait >= 0.05 * 2**k / 2 - 0.005, waits
+        assert wait >= 0.2 * 2**k / 2 - 0.005, waits
     assert waits[2] > waits[0]
 
 
