@@ -474,3 +474,30 @@ async def test_close_lag_batch_time_and_consumer_lag_are_measured(settings: Sett
     agg.lag._high_water = agg._high_water
     records, seconds = agg.lag.measure({0})[0]
     assert records == 3 and seconds >= 2.0  # the last processed record is 2 s old
+
+
+async def test_a_long_batch_gives_the_event_loop_back_now_and_then(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stockstream.agents.aggregate import agent as agent_module
+
+    async def run(yield_every: int) -> list[int]:
+        agg = make(settings, FakeBroker())
+        await feed(agg, [quote("AAPL", T0, 0)])  # the partition is loaded
+        quotes = [quote(f"S{i % 50}", T0 + i, i) for i in range(1, 2_501)]
+        seen: list[int] = []
+
+        async def watch() -> None:
+            while True:  # what the rest of the worker sees while the batch runs
+                seen.append(agg.state.get(0).clock.last_offset)  # type: ignore[union-attr]
+                await asyncio.sleep(0)
+
+        monkeypatch.setattr(agent_module, "YIELD_EVERY", yield_every)
+        watcher = asyncio.ensure_future(watch())
+        await asyncio.sleep(0)
+        await feed(agg, quotes)
+        watcher.cancel()
+        return seen
+
+    assert sorted(set(await run(1_000))) == [0, 1_000, 2_000]
+    assert sorted(set(await run(10**9))) == [0]

@@ -13,6 +13,7 @@ offsets (deadletter.py `DeadLetterBatch`): after the commit the DLQ is their onl
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import weakref
@@ -53,6 +54,8 @@ READ_BACKOFF = Backoff(initial_seconds=0.5, max_seconds=30.0)
 # Labelled metric children resolved once: `.labels()` per quote shows up in profiles.
 _APPLIED, _REDELIVERED, _LATE = (QUOTES.labels(o) for o in ("applied", "redelivered", "late"))
 _BATCH_SECONDS = AGENT_BATCH_SECONDS.labels("aggregate")
+#: Records of a batch folded between two yields to the event loop (about 25 ms of work).
+YIELD_EVERY = 1000
 #: How often the consumer lag gauges are refreshed (seconds).
 LAG_INTERVAL_SECONDS = 5.0
 
@@ -139,8 +142,12 @@ class Aggregation:
         _enter(event)
         partition = event.message.partition
         handle = self._handle
-        for record in event.value:
+        for n, record in enumerate(event.value, 1):
             await handle(record)
+            if not n % YIELD_EVERY:
+                # A fetch of a backlog is thousands of records: the web view, the health
+                # checks and the other services get the loop now and then.
+                await asyncio.sleep(0)
         if self._applied:
             _APPLIED.inc(self._applied)
         windows = self.state.get(partition)
