@@ -11,7 +11,7 @@ repeated batch.
 Fetch wait: see `FETCH_MAX_WAIT_MS` and STOCKSTREAM_FETCH_MAX_WAIT_SECONDS.
 
 Delivery loop: records of a `BatchedTopic` go out one `RecordBatch` per partition and fetch
-(kafka/record_batches.py), and a batch's acknowledgement acknowledges each of its records.
+(kafka/record_batches.py), and a batch's acknowledgement counts for each of its records.
 Faust hands each other fetched record to the streams with
 `wait_first(deliver(record), suspend_flow.wait())`, so that a delivery blocked by a full
 stream buffer, the producer's buffer or flow control (a rebalance) is abandoned when the flow
@@ -25,15 +25,14 @@ a delivery that does block goes on under `wait_first`, exactly as in Faust. Ever
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
 from typing import Any, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
-from faust.types.tuples import ack_lock
 from mode import Service
-from mode.utils.futures import notify
 
 from stockstream.kafka.record_batches import RecordBatch, is_batched
 from stockstream.settings import Settings
@@ -106,6 +105,11 @@ class LeanConsumer(faust_aiokafka.Consumer):
     _batched: dict[str, bool]
     _batched_generation: int | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Per partition: last offset of a delivered batch -> the batch's other offsets.
+        self._batch_offsets: defaultdict[TP, dict[int, list[int]]] = defaultdict(dict)
+
     def _new_consumer_thread(self) -> Any:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
@@ -122,39 +126,35 @@ class LeanConsumer(faust_aiokafka.Consumer):
             batched = self._batched[topic] = is_batched(index.get(topic, ()))
         return batched
 
-    def ack(self, message: Any) -> bool:
-        if isinstance(message, RecordBatch):
-            return self.ack_batch(message)
-        return bool(super().ack(message))
+    def batch_delivered(self, tp: TP, records: list[Any]) -> None:
+        """Note which offsets a batch stands for. A stream acknowledges an event's message
+        by its one offset (Faust's compiled stream iterator does so inline, without calling
+        the consumer), so only the batch's last offset is acknowledged; `_new_offset` adds
+        the others when it finds that one acknowledged."""
+        if len(records) > 1:
+            self._batch_offsets[tp][records[-1].offset] = [r.offset for r in records[:-1]]
 
-    def ack_batch(self, batch: RecordBatch) -> bool:
-        """Faust's `ack` for each record of `batch` (Faust commits an offset once it and
-        every offset before it is acknowledged or a known gap)."""
-        with ack_lock:
-            if batch.acked:
-                return False
-            batch.acked = True
-            try:
-                tp = batch.tp
-                if not self.app.topics.acks_enabled_for(batch.topic):
-                    return False
-                committed = self._committed_offset[tp]
-                acked_index = self._acked_index[tp]
-                offsets = [
-                    record.offset
-                    for record in batch.records
-                    if (committed is None or record.offset >= committed)
-                    and record.offset not in acked_index
-                ]
-                self._unacked_messages.discard(batch)
-                if not offsets:
-                    return False
-                acked_index.update(offsets)
-                self._acked[tp].extend(offsets)
-                self._n_acked += len(offsets)
-                return True
-            finally:
-                notify(self._waiting_for_ack)
+    def _new_offset(self, tp: TP) -> int | None:
+        pending = self._batch_offsets.get(tp)
+        if pending:
+            acked = self._acked[tp]
+            acked_index = self._acked_index[tp]
+            committed = self._committed_offset[tp]
+            for last in [offset for offset in acked if offset in pending]:
+                for offset in pending.pop(last):
+                    if (committed is None or offset >= committed) and offset not in acked_index:
+                        acked_index.add(offset)
+                        acked.append(offset)
+            if committed is not None:  # batches skipped and never acknowledged
+                for last in [offset for offset in pending if offset < committed]:
+                    del pending[last]
+        new_offset: int | None = super()._new_offset(tp)
+        return new_offset
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        for tp in revoked:
+            self._batch_offsets.pop(tp, None)
+        await super().on_partitions_revoked(revoked)
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - the worker's
         # loop, covered by every integration test and the benchmarks (Faust's own is too).
@@ -207,6 +207,7 @@ class LeanConsumer(faust_aiokafka.Consumer):
                     # Whatever ended the fetch (its end, a rebalance), what was taken from it
                     # is delivered, as Faust delivers each record as it is taken.
                     for tp, records in batches.items():
+                        self.batch_delivered(tp, records)
                         await deliver(callback, RecordBatch.of(tp, records), wait_first, suspended)
                     unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:

@@ -16,9 +16,11 @@ from tests.integration.harness import (
     Produced,
     Stack,
     Worker,
+    committed_offsets,
     create_topics,
     dataset,
     end_offsets,
+    partition_end_offsets,
     produce,
     read_all,
 )
@@ -82,6 +84,39 @@ async def test_windows_exactly_once_and_equal_to_recomputation(
     finally:
         worker.stop()
     check_output(windows, dlq, produced, stack)
+
+
+async def test_the_worker_commits_what_it_processed_fetch_after_fetch(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Quotes arriving in bursts reach the agent as many batches per partition; the group's
+    committed offsets must follow each of them to the end (a batch standing for one offset
+    only once stopped the commits after the first batch: nothing lost, but every restart
+    replayed everything)."""
+    stack = Stack(kafka_bootstrap, tmp_path / "data")
+    await create_topics(stack)
+    rows = dataset(symbols=12, minutes=6, seed=5)
+    worker = Worker(stack, tmp_path / "worker.log")
+    try:
+        worker.wait_ready()
+        chunk = len(rows) // 8 + 1
+        for start in range(0, len(rows), chunk):
+            await produce(kafka_bootstrap, stack.quotes, rows[start : start + chunk])
+            await asyncio.sleep(0.4)  # so each burst is a fetch, i.e. a batch, of its own
+        ends = {
+            p: end
+            for p, end in (await partition_end_offsets(kafka_bootstrap, stack.quotes, 3)).items()
+            if end  # nothing to commit in an empty partition
+        }
+        assert len(ends) >= 2
+        deadline = time.monotonic() + 60
+        while (
+            committed := await committed_offsets(kafka_bootstrap, f"it-{stack.run}", stack.quotes)
+        ) != ends:
+            assert time.monotonic() < deadline, (committed, ends, worker.tail())
+            await asyncio.sleep(0.5)
+    finally:
+        worker.stop()
 
 
 async def test_sigkill_mid_stream_loses_nothing_and_emits_nothing_twice(
