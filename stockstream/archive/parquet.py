@@ -33,6 +33,10 @@ predates the word "re-drive" and stays, since existing archives are read by it).
 Encoding is deterministic: the same rows give the same bytes (same schema, same options, rows
 sorted by offset, no wall-clock metadata), so re-writing a batch after a crash re-creates the
 identical object under the identical key.
+
+The archive in the worker builds the same objects column-wise (columnar.py); the row
+functions here (`parse_records`, `split_by_hour`, `encode`) are the reference it is tested
+against, and what the dead-letter re-drive and recovery use.
 """
 
 from __future__ import annotations
@@ -215,13 +219,18 @@ def to_table(rows: Sequence[ArchiveRow]) -> pa.Table:
 
 def encode(rows: Sequence[ArchiveRow]) -> bytes:
     """Parquet bytes (zstd, one row group, statistics on) of the rows, in the given order."""
+    return encode_table(to_table(rows))
+
+
+def encode_table(table: pa.Table) -> bytes:
+    """Parquet bytes (zstd, one row group, statistics on) of the table's rows, in its order."""
     buffer = io.BytesIO()
     pq.write_table(
-        to_table(rows),
+        table.combine_chunks(),
         buffer,
         compression=COMPRESSION,
         # One batch is one row group: readers prune whole objects by their statistics.
-        row_group_size=max(1, len(rows)),
+        row_group_size=max(1, table.num_rows),
         use_dictionary=["symbol", "source"],
         write_statistics=True,
     )

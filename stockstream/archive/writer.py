@@ -16,7 +16,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from stockstream.archive import parquet
+import pyarrow as pa
+
+from stockstream.archive import columnar, parquet
 from stockstream.archive.manifest import Manifest, manifest_key
 from stockstream.archive.object_store import ObjectStore
 from stockstream.contracts.dead_letters import Reason
@@ -158,6 +160,7 @@ class BatchWriter:
         conf: ArchiveSettings,
         calls: StorageCalls,
         validator: QuoteValidator,
+        max_future_ms: int,
         dead_letters: DeadLetters,
     ) -> None:
         self.topic = topic
@@ -165,36 +168,42 @@ class BatchWriter:
         self.calls = calls
         self.store = calls.store
         self.validator = validator
+        # The validator's QUOTE_MAX_FUTURE_SECONDS, for the column-wise checks.
+        self.max_future_ms = max_future_ms
         self.dead_letters = dead_letters
 
     def encode(self, records: Sequence[Any]) -> tuple[list[Encoded], list[tuple[int, str]]]:
         """The batch's objects, and (offset, error) of the valid quotes Parquet refused (pure,
         deterministic: a re-written batch gives the same keys and bytes; run in a thread).
+        Column-wise (columnar.py): the Python work per record is what the
+        aggregation in the same process waits for, the Arrow work runs without the GIL.
 
         The contract bounds every field, so a valid quote always encodes; should one not, it
         is taken out (and dead-lettered by `write`) instead of failing the batch forever."""
-        rows, rejected = parquet.parse_records(records, self.validator)
+        table, rejected = columnar.parse_table(records, self.validator, self.max_future_ms)
         for _, exc in rejected:
             ARCHIVE_SKIPPED.labels(exc.reason.value).inc()
         encoded: list[Encoded] = []
         refused: list[tuple[int, str]] = []
-        for key, group in parquet.split_by_hour(self.topic, rows):
+        for key, group in columnar.split_table(self.topic, table):
+            offsets = group.column("kafka_offset").to_pylist()
             try:
-                encoded.append(Encoded(key, parquet.encode(group), [r.offset for r in group]))
+                encoded.append(Encoded(key, parquet.encode_table(group), offsets))
                 continue
             except Exception:  # pyarrow's errors are many types
                 pass
             kept = []
-            for row in group:
+            for i, offset in enumerate(offsets):
                 try:
-                    parquet.encode([row])
+                    parquet.encode_table(group.slice(i, 1))
                 except Exception as exc:
-                    refused.append((row.offset, f"{type(exc).__name__}: {exc}"))
+                    refused.append((offset, f"{type(exc).__name__}: {exc}"))
                 else:
-                    kept.append(row)
+                    kept.append(i)
+            survivors = group.take(pa.array(kept, type=pa.int64()))
             encoded.extend(
-                Encoded(k, parquet.encode(g), [r.offset for r in g])
-                for k, g in parquet.split_by_hour(self.topic, kept)
+                Encoded(k, parquet.encode_table(g), g.column("kafka_offset").to_pylist())
+                for k, g in columnar.split_table(self.topic, survivors)
             )
         return encoded, refused
 

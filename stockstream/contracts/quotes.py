@@ -54,7 +54,7 @@ CONDITION_MAX_LENGTH = 8
 
 # (field, lowest, highest) of the optional numbers; `current_price` and `volume` are checked
 # on their own (strict lower bounds).
-_OPTIONAL_NUMBERS = (
+OPTIONAL_NUMBERS = (
     ("change_amount", -MAX_PRICE, MAX_PRICE),
     ("change_percent", -MAX_CHANGE_PERCENT, MAX_CHANGE_PERCENT),
     ("day_high", -MAX_PRICE, MAX_PRICE),
@@ -113,7 +113,7 @@ def _number(
     return number
 
 
-def _conditions(data: dict[str, Any]) -> tuple[str, ...] | None:
+def parse_conditions(data: dict[str, Any]) -> tuple[str, ...] | None:
     value = data.get("conditions")
     if value is None:
         return None
@@ -231,7 +231,7 @@ class QuoteValidator:
             raise ContractError(Reason.INVALID, f"volume must be >= 0, got {volume!r}")
         extra = {
             name: _number(data, name, required=False, low=low, high=high)
-            for name, low, high in _OPTIONAL_NUMBERS
+            for name, low, high in OPTIONAL_NUMBERS
         }
         high, low = extra["day_high"], extra["day_low"]
         if high is not None and low is not None and high < low:
@@ -244,5 +244,5 @@ class QuoteValidator:
             volume=volume,
             fetched_at=_epoch_ms(data, "fetched_at", required=False),
             **extra,
-            conditions=_conditions(data),
+            conditions=parse_conditions(data),
         )

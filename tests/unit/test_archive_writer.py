@@ -56,6 +56,7 @@ def writer(tmp_path: Path, sent: list[Any]) -> BatchWriter:
         conf,
         calls,
         QuoteValidator.from_settings(QuoteSettings()),
+        int(QuoteSettings().max_future_seconds * 1000),
         DeadLetters(send),
     )
 
@@ -63,14 +64,14 @@ def writer(tmp_path: Path, sent: list[Any]) -> BatchWriter:
 def test_a_row_parquet_refuses_is_taken_out_and_the_rest_encoded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = parquet.encode
+    real = parquet.encode_table
 
-    def encode(rows: Any) -> bytes:
-        if any(r.offset == 5 for r in rows):
+    def encode(table: Any) -> bytes:
+        if 5 in table.column("kafka_offset").to_pylist():
             raise OverflowError("value out of range for the column")
-        return real(rows)
+        return real(table)
 
-    monkeypatch.setattr(parquet, "encode", encode)
+    monkeypatch.setattr(parquet, "encode_table", encode)
     records = [raw(o, T0 + o) for o in range(10)]
     encoded, refused = writer(tmp_path, []).encode(records)
     assert refused == [(5, "OverflowError: value out of range for the column")]
@@ -82,12 +83,14 @@ def test_a_row_parquet_refuses_is_taken_out_and_the_rest_encoded(
 async def test_refused_rows_are_dead_lettered_and_the_rest_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = parquet.encode
-    monkeypatch.setattr(
-        parquet,
-        "encode",
-        lambda rows: (_ for _ in ()).throw(ValueError("no")) if rows[0].offset == 1 else real(rows),
-    )
+    real = parquet.encode_table
+
+    def encode(table: Any) -> bytes:
+        if table.column("kafka_offset")[0].as_py() == 1:
+            raise ValueError("no")
+        return real(table)
+
+    monkeypatch.setattr(parquet, "encode_table", encode)
     sent: list[Any] = []
     batch = writer(tmp_path, sent)
     records = [raw(0), raw(1, T0 + 3_600_000), raw(2)]
