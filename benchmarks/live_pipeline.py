@@ -3,6 +3,7 @@
     python benchmarks/live_pipeline.py latency [--rate 2000] [--symbols 500] [--duration 180]
     python benchmarks/live_pipeline.py latency --duration 1800        # the 30-minute memory run
     python benchmarks/live_pipeline.py scale [--quotes 60000] [--partitions 6] [--rate 1000]
+    python benchmarks/live_pipeline.py scale --rebalance-only [--warmup-seconds 45]
 
 `latency`: one worker on fresh topics; this script produces simulated quotes paced so their
 event time is the wall clock (`--rate` quotes/s over `--symbols` symbols) and measures
@@ -19,9 +20,11 @@ event time is the wall clock (`--rate` quotes/s over `--symbols` symbols) and me
 
 `scale`: a backlog of `--quotes` on a `--partitions` topic read by one worker, then by two in
 one consumer group (rates and ratio, output checked for missing and duplicated windows); then,
-under a live feed, a second worker joins and later leaves: the longest time no quote was
-processed by any worker (the rebalance pause), the close latency of the windows around it, and
-the output checked for duplicates and per-symbol order.
+under a live feed, a second worker joins and later leaves, each shortly before windows become
+closable: the longest time no quote was processed by any worker, the longest time each
+partition's watermark did not move (the rebalance pause of the partitions that moved), the
+close latency of the windows around it, and the output checked for duplicates and per-symbol
+order. `--rebalance-only` measures only that part.
 
 Figures only, no pass/fail. Uses the broker of aggregate_throughput.py (scripts/kafka.sh on
 29092 unless --bootstrap) and its helpers.
@@ -33,12 +36,14 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import statistics
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aggregate_throughput import (
+    QUOTES_METRIC,
     Broker,
     Preloaded,
     Run,
@@ -73,6 +79,7 @@ from stockstream.tables.windows import PartitionWindows, WindowAggregate
 
 SEED = 20240611
 RSS_EVERY_S = 5.0
+WATERMARK_METRIC = re.compile(rb'^stockstream_watermark_seconds\{partition="(\d+)"\} (\S+)$', re.M)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -480,6 +487,45 @@ async def backlog_rate(
     return span.rate, output_problems(out, len(info.windows), info.quotes)
 
 
+def closable_soon(after: float, feed: Feed, lead: float) -> float:
+    """The first monotonic time at or after `after` that is `lead` seconds before the feed's
+    windows become closable (event time = wall clock: a window end plus grace)."""
+    wall = time.time() + max(0.0, after - time.monotonic())
+    size, grace = feed.size_ms / 1000, feed.grace_ms / 1000
+    target = (wall - grace + lead) // size * size + grace - lead
+    while target < wall:
+        target += size
+    return after + (target - wall)
+
+
+def longest_stall(samples: Sequence[tuple[float, float]], since: float, until: float) -> float:
+    """The longest time in [since, until) over which a sampled progress figure (a counter, a
+    watermark) did not grow, from `since` to the first growth, between growths, or to the end."""
+    window = [(t, n) for t, n in samples if since <= t < until]
+    if not window:
+        return 0.0
+    longest, last_t = 0.0, since
+    last_n = max((n for t, n in samples if t < since), default=window[0][1])
+    for t, n in window:
+        if n > last_n:
+            longest = max(longest, t - last_t)
+            last_t, last_n = t, n
+    return max(longest, window[-1][0] - last_t)
+
+
+def still_stalled(samples: Sequence[tuple[float, float]], since: float, until: float) -> bool:
+    """Whether the figure did not grow from the start of its longest stall to `until`."""
+    window = [(t, n) for t, n in samples if since <= t < until]
+    if not window:
+        return False
+    longest = longest_stall(samples, since, until)
+    last_growth = max(
+        (t for (t, n), (_, before) in zip(window[1:], window, strict=False) if n > before),
+        default=since,
+    )
+    return window[-1][0] - last_growth >= longest > 0
+
+
 def _same_group(run: Run) -> Run:
     """The same app (consumer group, topics, changelog) for another worker process: its own
     web port and data dir."""
@@ -493,7 +539,7 @@ def _same_group(run: Run) -> Run:
 
 async def rebalance(args: argparse.Namespace, base: Run) -> None:
     """A second worker joins and leaves while quotes arrive live."""
-    run = base.sibling({})
+    run = base.sibling(dict(base.extra_env))
     settings = run.settings()
     await ensure_topics(settings)
     agg = settings.aggregation
@@ -506,6 +552,8 @@ async def rebalance(args: argparse.Namespace, base: Run) -> None:
     second: WorkerProcess | None = None
     emitted: list[Emitted] = []
     progress: list[tuple[float, int]] = []
+    # partition -> (time, highest watermark any worker reports) samples.
+    watermarks: dict[int, list[tuple[float, float]]] = {}
     stop = asyncio.Event()
     marks: dict[str, float] = {}
     try:
@@ -523,26 +571,41 @@ async def rebalance(args: argparse.Namespace, base: Run) -> None:
 
             async def sample(until: float) -> None:
                 # Progress = the sum of each process's increments: a counter restarts with its
-                # process, and one that leaves takes its count with it.
+                # process, and one that leaves takes its count with it. Per partition: the
+                # highest watermark any worker reports (a moved partition's old owner keeps
+                # its last value, which the new owner's passes once it processes again).
                 nonlocal done
                 while time.monotonic() < until:
+                    marks_now: dict[int, float] = {}
                     for proc in (first, second):
                         if proc is None or not proc.alive():
                             continue
                         with contextlib.suppress(
                             TimeoutError, aiohttp.ClientError, OSError, RuntimeError
                         ):
-                            count = (await scrape(session, proc)).quotes_total
+                            status, body = await http_get(session, proc.port, "/metrics/")
+                            if status != 200:
+                                continue
+                            count = int(sum(float(m[2]) for m in QUOTES_METRIC.finditer(body)))
                             done += max(0, count - seen.get(proc.proc.pid, 0))
                             seen[proc.proc.pid] = count
-                    progress.append((time.monotonic(), done))
+                            for m in WATERMARK_METRIC.finditer(body):
+                                part = int(m[1])
+                                marks_now[part] = max(marks_now.get(part, 0.0), float(m[2]))
+                    now = time.monotonic()
+                    progress.append((now, done))
+                    for part, value in marks_now.items():
+                        watermarks.setdefault(part, []).append((now, value))
                     await asyncio.sleep(0.25)
 
-            await sample(t0 + phase)
+            # Each event shortly before windows become closable: a pause then shows in their
+            # close latency (a pause between two closes delays none).
+            warmup = args.warmup_seconds if args.warmup_seconds is not None else phase
+            await sample(closable_soon(t0 + warmup, feed, args.join_lead_seconds))
             log("second worker joins")
             marks["join"] = time.monotonic()
             second = WorkerProcess(second_run, second_run.data_dir / "b.log", None, args.loop)
-            await sample(marks["join"] + phase)
+            await sample(closable_soon(marks["join"] + phase, feed, args.leave_lead_seconds))
             log("second worker leaves (SIGTERM)")
             marks["leave"] = time.monotonic()
             second.proc.send_signal(signal.SIGTERM)
@@ -559,21 +622,39 @@ async def rebalance(args: argparse.Namespace, base: Run) -> None:
             await delete_run_topics(run)
     print(f"rebalance under {args.rate:,.0f} quotes/s, {args.partitions} partitions:")
     for event, at in marks.items():
-        # The longest stretch without progress in the phase after the event.
-        window = [(t, n) for t, n in progress if at <= t < at + args.phase_seconds]
-        longest, last_t, last_n = 0.0, at, -1
-        for t, n in window:
-            if n > last_n:
-                longest = max(longest, t - last_t)
-                last_t, last_n = t, n
-        if window:
-            longest = max(longest, window[-1][0] - last_t)
-        lat, _ = close_latencies(feed, emitted, at, at + args.phase_seconds)
+        until = at + args.phase_seconds
+        longest = longest_stall(progress, at, until)
+        # Per partition: the rebalance pause of a partition that moved is hidden in the total
+        # while the partitions that stayed keep it moving.
+        stalls = {p: longest_stall(s, at, until) for p, s in sorted(watermarks.items())}
+        lat, _ = close_latencies(feed, emitted, at, until)
         print(
             f"  {event:<6} no quote processed for up to {longest:.1f} s; windows closed in the"
             f" next {args.phase_seconds:.0f} s: {len(lat)}, close latency p50 "
-            f"{ms(pct(lat, 0.5))} max {ms(max(lat) if lat else None)}"
+            f"{ms(pct(lat, 0.5))} p90 {ms(pct(lat, 0.9))} max {ms(max(lat) if lat else None)}"
         )
+        # The windows that became closable in the phase, however late they were read: a
+        # pause longer than the phase leaves some of them out of the line above.
+        due = [
+            max(0.0, e.read_at - at_)
+            for e in emitted
+            if (at_ := feed.closable_at.get((e.partition, e.start_ms + feed.size_ms))) is not None
+            and at <= at_ < until
+        ]
+        print(
+            f"         windows closable in those {args.phase_seconds:.0f} s: {len(due)}, close"
+            f" latency p50 {ms(pct(due, 0.5))} max {ms(max(due) if due else None)}"
+        )
+        if stalls:
+            # A partition still stalled when the phase ends: its pause is longer than shown.
+            open_ = {p for p, samples in watermarks.items() if still_stalled(samples, at, until)}
+            shown = {p: (">=" if p in open_ else "") + f"{v:.1f}" for p, v in stalls.items()}
+            print(
+                f"         longest watermark stall per partition: max "
+                f"{'>=' if open_ else ''}{max(stalls.values()):.1f} s ("
+                + ", ".join(f"p{p} {v}" for p, v in shown.items())
+                + ")"
+            )
     problems = order_problems(emitted)
     verdict = "ok" if not problems else problems[:5]
     print(f"  output: {len(emitted):,} windows, order and duplicates {verdict}")
@@ -584,6 +665,18 @@ async def rebalance(args: argparse.Namespace, base: Run) -> None:
 async def scale_mode(args: argparse.Namespace, broker: Broker, data_dir: Path) -> None:
     base = Run(broker.bootstrap, args.partitions, args.store, data_dir, dict(args.env))
     try:
+        if args.rebalance_only:
+            await ensure_topics(base.settings())
+            print()
+            print("=" * 88)
+            print(
+                f"rebalance only  symbols={args.symbols} partitions={args.partitions} "
+                f"loop={args.loop}  {code_version()}" + "".join(f"  {k}={v}" for k, v in args.env)
+            )
+            print("=" * 88)
+            await rebalance(args, base)
+            print("=" * 88)
+            return
         info = await preload(base, args)
         log(f"preloaded {info.quotes:,} quotes on {args.partitions} partitions")
         one, one_problems = await backlog_rate(base.sibling({}), info, 1, args.loop)
@@ -624,6 +717,31 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--span-minutes", type=float, default=10.0, help="scale: backlog span")
     p.add_argument(
         "--phase-seconds", type=float, default=45.0, help="scale: before/after join/leave (45)"
+    )
+    p.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=None,
+        help="scale: live feed before the second worker joins (--phase-seconds); the changelog"
+        " a joining worker replays grows with it",
+    )
+    p.add_argument(
+        "--join-lead-seconds",
+        type=float,
+        default=5.0,
+        help="scale: start the joining worker this long before windows become closable (5;"
+        " its start-up takes about 3 s before the group rebalances)",
+    )
+    p.add_argument(
+        "--leave-lead-seconds",
+        type=float,
+        default=1.0,
+        help="scale: stop it this long before windows become closable (1)",
+    )
+    p.add_argument(
+        "--rebalance-only",
+        action="store_true",
+        help="scale: only the join/leave under the live feed (no backlog rates)",
     )
     p.add_argument("--loop", choices=["aio", "uvloop"], default="aio")
     p.add_argument("--store", default="rocksdb://", choices=["rocksdb://", "memory://"])

@@ -74,8 +74,10 @@ def define_table(app: faust.App, partitions: int) -> Any:
         default=None,
         partitions=partitions,
         schema=faust.Schema(key_serializer="json", value_serializer="json"),
-        # Every window rewrites its symbol's history: keep the changelog compacted.
-        extra_topic_configs={"segment.ms": "600000", "min.cleanable.dirty.ratio": "0.1"},
+        # Every window rewrites its symbol's history: keep the changelog compacted, with
+        # segments closed often enough for the cleaner to reach them (a worker that takes a
+        # partition over replays the changelog; tables/window_state.py).
+        extra_topic_configs={"segment.ms": "10000", "min.cleanable.dirty.ratio": "0.1"},
         help="Anomaly detector: symbol histories (h|partition|symbol), progress (p|partition)",
     )
 

@@ -82,6 +82,10 @@ class FakeBroker:
     fail_dlq: int = 0
     fail_read_backs: int = 0
     read_backs: int = 0
+    done: list[tuple[str, int, int, int]] = field(default_factory=list)  # told the consumer
+
+    async def mark_done(self, topic: str, partition: int, first: int, last: int) -> None:
+        self.done.append((topic, partition, first, last))
 
     async def send_window(self, key: bytes, value: bytes, partition: int) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -178,6 +182,7 @@ def make(
         read_back=broker.read_after,
         read_range=read_range,
         end_offset=end_offset or no_end,
+        mark_done=broker.mark_done,
     )
 
 
@@ -244,6 +249,8 @@ async def test_records_the_stream_skipped_are_read_and_counted(settings: Setting
     await feed(agg, [stream[0], stream[5], quote("AAPL", T0 + MIN + 6_000, 6)])
     assert windows_in(broker.output) == Counter({("AAPL", T0): 1})
     assert orjson.loads(broker.output[0][1])["count"] == 6
+    # And the consumer is told they are done, or its commits would stop at offset 1.
+    assert broker.done == [("stock-quotes", 0, 1, 4)]
 
 
 async def test_a_failed_read_back_is_retried_before_anything_is_emitted(
@@ -501,3 +508,28 @@ async def test_a_long_batch_gives_the_event_loop_back_now_and_then(
 
     assert sorted(set(await run(1_000))) == [0, 1_000, 2_000]
     assert sorted(set(await run(10**9))) == [0]
+
+
+async def test_a_restart_resumes_after_the_last_batch_without_re_reading_it(
+    settings: Settings,
+) -> None:
+    """The clock is written with every batch that moved it, so a worker that loads the
+    partition (a restart, a rebalance) resumes at the next offset: nothing to read again."""
+    table: dict[str, Any] = {}
+    stream = [quote(f"S{i % 7}", T0 + 100 * i, i) for i in range(40)]  # one minute, no close
+    await feed(make(settings, FakeBroker(), table=table), stream[:30])
+    assert decode_clock(table["c|0"]).last_offset == 29
+    read: list[tuple[int, int]] = []
+    restarted = make(settings, FakeBroker(), table=dict(table), stream=stream)
+    real = restarted._read_range
+
+    async def counting(kafka: Any, topic: str, partition: int, first: int, last: int) -> Any:
+        read.append((first, last))
+        return await real(kafka, topic, partition, first, last)
+
+    restarted._read_range = counting  # type: ignore[method-assign]
+    await feed(restarted, stream[30:])
+    assert read == []
+    windows = restarted.state.get(0)
+    assert windows is not None
+    assert sum(w.count for w in windows.open.values()) == 40  # each quote once

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -54,6 +55,8 @@ READ_BACKOFF = Backoff(initial_seconds=0.5, max_seconds=30.0)
 # Labelled metric children resolved once: `.labels()` per quote shows up in profiles.
 _APPLIED, _REDELIVERED, _LATE = (QUOTES.labels(o) for o in ("applied", "redelivered", "late"))
 _BATCH_SECONDS = AGENT_BATCH_SECONDS.labels("aggregate")
+#: Tells the consumer that offsets `first`..`last` of a topic partition were processed.
+MarkDone = Callable[[str, int, int, int], Awaitable[None]]
 #: Records of a batch folded between two yields to the event loop (about 25 ms of work).
 YIELD_EVERY = 1000
 #: How often the consumer lag gauges are refreshed (seconds).
@@ -75,6 +78,7 @@ class Aggregation:
         read_back: ReadAfter = read_after,
         read_range: ReadRange = read_range,
         end_offset: EndOffset | None = None,
+        mark_done: MarkDone | None = None,
     ) -> None:
         """`read_back` (an output partition after an offset), `read_range` (records of a
         quotes partition) and `end_offset` (of a quotes partition) ask the broker; they are
@@ -93,6 +97,7 @@ class Aggregation:
         )
         self.validator = QuoteValidator.from_settings(settings.quotes)
         self._read_range = read_range
+        self._mark_done = mark_done or self._consumer_mark_done
         self.emitter = WindowEmitter(settings.kafka, output, read_back)
         self.idle = IdleClock(
             self.state,
@@ -153,7 +158,7 @@ class Aggregation:
         windows = self.state.get(partition)
         if windows is not None:
             self._watermark_gauge(partition).set(windows.clock.watermark_ms / 1000)
-        self.state.write_dirty(partition)
+        self.state.write_batch(partition)
         await self.dead_letters.deliver()
 
     async def _handle(self, message: Any) -> None:
@@ -223,6 +228,10 @@ class Aggregation:
             )
         for record in records:
             await self._apply(record, windows)
+        # Processed here, so done for the consumer too: a hole Faust's stream never
+        # acknowledges would hold the partition's committed offset back for good (every
+        # restart would replay from it).
+        await self._mark_done(topic, partition, first, last)
 
     async def _apply(self, message: Any, windows: PartitionWindows) -> None:
         partition, offset = message.partition, message.offset
@@ -344,6 +353,11 @@ class Aggregation:
     def _owned_partitions(self) -> set[int]:
         quotes = self.settings.kafka.quotes_topic
         return {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == quotes}
+
+    async def _consumer_mark_done(self, topic: str, partition: int, first: int, last: int) -> None:
+        # Faust's consumer commits through a known gap once a later offset is acknowledged.
+        consumer: Any = self.app.consumer
+        await consumer._add_gap(TP(topic, partition), first, last)
 
     async def _consumer_end_offset(self, partition: int) -> int:
         tp = TP(self.settings.kafka.quotes_topic, partition)
