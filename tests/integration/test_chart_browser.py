@@ -193,9 +193,16 @@ async def test_the_live_chart_draws_and_updates_candles_in_a_browser(
         assert first["symbol"] == "S000" and first["connected"]
         assert first["lastTime"] > first["lastClosedTime"]  # the forming candle is the newest
         await browser.evaluate("window.__sameDocument = true")
-        options = await browser.evaluate(
-            "[...document.querySelectorAll('#symbol option')].map(o => o.value)"
-        )
+        # The page refreshes its symbol list every 5 s; a worker still catching up has not
+        # reached every partition's symbols when the page first asks.
+        deadline = time.monotonic() + 30
+        while True:
+            options = await browser.evaluate(
+                "[...document.querySelectorAll('#symbol option')].map(o => o.value)"
+            )
+            if set(SYMBOLS) <= set(options) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
         assert set(SYMBOLS) <= set(options)
 
         # More windows close: new candles without a reload.
