@@ -56,10 +56,6 @@ class RecordBatch(ConsumerMessage):
             generation_id=last.generation_id,
         )
 
-    @property
-    def records(self) -> Sequence[Any]:
-        return self.value  # type: ignore[return-value]
-
 
 class BatchedTopic(faust.Topic):  # type: ignore[type-arg]  # Faust's Topic is generic
     """A topic whose subscribers receive `RecordBatch` events (see the module's doc).
