@@ -67,6 +67,12 @@ def _shared_libs_dir() -> Path:
     return Path(os.environ.get("KAFKA_DIR") or ROOT / ".local" / "kafka") / "libs"
 
 
+def _accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
 class OwnBroker(Broker):
     """A broker of the test's own (scripts/kafka.sh): a free port pair and its own KAFKA_DIR
     (data, pid file, logs) under the test's temporary directory, the jars shared with the
@@ -109,6 +115,11 @@ class OwnBroker(Broker):
                 if state == "Z":
                     break
             time.sleep(0.1)
+        # The main thread turns zombie before the JVM's other threads have exited and closed
+        # their sockets: on a loaded machine the restart then found the port still taken.
+        for port in (self.port, self.port + 1000):
+            while _accepts(port) and time.monotonic() < deadline:
+                time.sleep(0.1)
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
