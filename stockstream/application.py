@@ -5,7 +5,7 @@ are loaded and the app is built then, not when a module is imported. What the wo
 
     stock-quotes ─┬─> agents/aggregate.py (windows in tables/) ──> stock-quotes-aggregated ─┐
                   │     bad and late records ──> stock-quotes-dlq (deadletter.py)           │
-                  └─> archive/ (own consumer group) ──> object storage                      │
+                  └─> archive/ (own consumer group, own process) ──> object storage         │
     stock-quotes-aggregated ──> warehouse/ (own consumer group) ──> DuckDB | BigQuery <────┘
     stock-anomalies ──> alerts/ (a consumer group per receiver) ──> Slack webhook, PagerDuty
     stock-quotes-aggregated ──> agents/anomaly/ (histories in tables/) ──> stock-anomalies
@@ -27,14 +27,14 @@ from faust.utils.terminal import SpinnerHandler
 from stockstream.agents.aggregate.agent import Aggregation
 from stockstream.agents.anomaly.agent import AnomalyDetection
 from stockstream.alerts.delivery import alert_services
-from stockstream.archive.archiver import Archiver
-from stockstream.archive.object_store import from_settings as object_store
+from stockstream.archive.archiver import archiver
 from stockstream.deadletter import DeadLetters
 from stockstream.kafka import clients, faust_transport
 from stockstream.kafka.consumer_service import ConsumerServiceRunner
 from stockstream.kafka.record_batches import BatchedTopic
 from stockstream.kafka.topics import clock_topic_name, ensure_topics
 from stockstream.logs import logging_config
+from stockstream.service_process import ServiceProcess
 from stockstream.settings import Settings, SettingsError, load_settings
 from stockstream.tables import anomaly_state
 from stockstream.tables.window_state import define_table
@@ -184,9 +184,11 @@ def create_app(settings: Settings) -> StockstreamApp:
         anomalies.register(topic(kafka.aggregated_topic))
     # Faust's `app.service` is typed for classes but takes instances too (they are started
     # after table recovery and stopped with the worker).
-    if settings.archive.enabled:
-        archiver = Archiver(settings, object_store(settings.archive), dead_letters)
-        app.service(ConsumerServiceRunner(archiver))  # type: ignore[arg-type]
+    if settings.archive.enabled and settings.archive.process == "child":
+        archive = ServiceProcess(settings, "archive", f"{archiver.__module__}:{archiver.__name__}")
+        app.service(archive)  # type: ignore[arg-type]
+    elif settings.archive.enabled:
+        app.service(ConsumerServiceRunner(archiver(settings, dead_letters)))  # type: ignore[arg-type]
     if settings.warehouse.enabled:
         loader = WarehouseLoader(settings, warehouse_backend(settings), dead_letters)
         app.service(ConsumerServiceRunner(loader))  # type: ignore[arg-type]

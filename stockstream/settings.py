@@ -283,6 +283,10 @@ class ArchiveSettings:
     )
     backoff_max_seconds: float = var("ARCHIVE_BACKOFF_MAX_SECONDS", 30.0, _positive, "must be > 0")
     failure_policy: Literal["block", "dead-letter"] = var("ARCHIVE_FAILURE_POLICY", "block")
+    # child: a process of its own that the worker starts, stops and restarts, so the archive's
+    # CPU is not taken from the aggregation (service_process.py); inline: in the worker's
+    # event loop, one Python process less, for a machine with one core.
+    process: Literal["child", "inline"] = var("ARCHIVE_PROCESS", "child")
 
 
 @dataclass(frozen=True)

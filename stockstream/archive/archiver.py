@@ -3,14 +3,13 @@ in batched Parquet objects, once each, also across crashes and storage outages.
 
 Where it runs
 -------------
-Inside the Faust worker, as a `ConsumerService` (kafka/consumer_service.py: started after table
-recovery, stopped with the worker) with its OWN consumer group `<app id>-archive`, not as a
-second agent on `stock-quotes`: an archive waiting for storage would otherwise stall the
-aggregation (measured: 4,197 of 50,000 records, and SIGTERM hung; the base's docstring has the
-details). With its own consumer the archive has its own position and commits, its back-pressure
-pauses only its own fetches, and the aggregation keeps going during an outage
-(tests/integration/test_archive.py checks it). `take_events` could not express the byte limit
-either.
+Part of the Faust worker, as a `ConsumerService` (kafka/consumer_service.py) with its OWN
+consumer group `<app id>-archive`, not as a second agent on `stock-quotes`: an archive waiting
+for storage would otherwise stall the aggregation (measured: 4,197 of 50,000 records, and
+SIGTERM hung; the base's docstring has the details). Its own consumer gives it its own position
+and commits; its back-pressure pauses only its own fetches (tests/integration/test_archive.py).
+By default in a child process the worker starts, stops and restarts (service_process.py), so
+its CPU is not the aggregation's; ARCHIVE_PROCESS=inline keeps it in the worker's event loop.
 
 Batches
 -------
@@ -18,8 +17,7 @@ Per partition, records are buffered until ARCHIVE_BATCH_RECORDS records or
 ARCHIVE_BATCH_BYTES bytes (key + value) are reached or the first one is ARCHIVE_BATCH_SECONDS
 old. A batch is a contiguous offset range of one partition; it becomes one Parquet object per
 UTC (date, hour) of `market_timestamp` (parquet.py has the layout and schema). Parsing,
-validation and encoding run in a thread, like the storage calls, so the event loop the
-aggregation shares is not held up.
+validation and encoding run in a thread, like the storage calls: the event loop stays free.
 
 What is archived: valid quotes, with typed columns. Records that break the contract (malformed,
 invalid) are not: the aggregation agent already dead-letters them with their reason, so the
@@ -85,6 +83,7 @@ from aiokafka import TopicPartition
 
 from stockstream.archive.manifest import Manifest, load_manifest, manifest_key
 from stockstream.archive.object_store import ObjectStore
+from stockstream.archive.object_store import from_settings as object_store
 from stockstream.archive.writer import BatchWriter, Revoked, StorageCalls
 from stockstream.contracts.quotes import QuoteValidator
 from stockstream.deadletter import DeadLetters
@@ -394,3 +393,8 @@ class Archiver(ConsumerService):
         if self._owned(part) and not await self.commit({part.tp: last + 1}):
             ARCHIVE_FAILURES.labels("commit").inc()
         ARCHIVE_FLUSH.observe(time.perf_counter() - started)
+
+
+def archiver(settings: Settings, dead_letters: DeadLetters) -> Archiver:
+    """The worker's archive on the configured object store (in or beside it: ARCHIVE_PROCESS)."""
+    return Archiver(settings, object_store(settings.archive), dead_letters)

@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -190,9 +190,32 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.service.on_assigned(mine)
 
 
+async def supervise(
+    service: ConsumerService,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    stopping: Callable[[], bool] = lambda: False,
+) -> None:
+    """Run `service` until cancelled or `stopping()`, restarting it `RESTART_DELAY_SECONDS`
+    after an unexpected error. A `KafkaAccessError` (refused credentials or TLS) is raised: a
+    restart would be refused too, so the caller stops (the worker, or the child process it
+    runs the service in)."""
+    while not stopping():
+        try:
+            await service.run()
+        except (asyncio.CancelledError, clients.KafkaAccessError):
+            raise
+        except Exception:
+            log.exception(
+                f"{service.name} crashed, restarting in {RESTART_DELAY_SECONDS:g} s",
+                extra={"topic": service.topic},
+            )
+            await sleep(RESTART_DELAY_SECONDS)
+
+
 class ConsumerServiceRunner(Service):
-    """Runs a `ConsumerService` for the worker's lifetime (a mode service the Faust app starts
-    after table recovery and stops with the worker); restarts it after an unexpected error."""
+    """Runs a `ConsumerService` in the worker's process for the worker's lifetime (a mode
+    service the Faust app starts after table recovery and stops with the worker); restarts it
+    after an unexpected error. service_process.py runs one in a child process instead."""
 
     def __init__(self, service: ConsumerService, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -204,23 +227,12 @@ class ConsumerServiceRunner(Service):
 
     @Service.task
     async def _supervise(self) -> None:
-        while not self.should_stop:
-            try:
-                await self.service.run()
-            except asyncio.CancelledError:
-                raise
-            except clients.KafkaAccessError as exc:
-                # Refused credentials or TLS: a restart would be refused too. Crash the
-                # service, which stops the worker with this message.
-                log.critical(
-                    f"{self.service.name} cannot access Kafka: {exc}",
-                    extra={"topic": self.service.topic},
-                )
-                await self.crash(exc)
-                return
-            except Exception:
-                log.exception(
-                    f"{self.service.name} crashed, restarting in {RESTART_DELAY_SECONDS:g} s",
-                    extra={"topic": self.service.topic},
-                )
-                await self.sleep(RESTART_DELAY_SECONDS)
+        try:
+            await supervise(self.service, self.sleep, lambda: self.should_stop)
+        except clients.KafkaAccessError as exc:
+            # Crash the service, which stops the worker with this message.
+            log.critical(
+                f"{self.service.name} cannot access Kafka: {exc}",
+                extra={"topic": self.service.topic},
+            )
+            await self.crash(exc)

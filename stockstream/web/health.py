@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from stockstream.metrics import REGISTRY
+from stockstream.child_metrics import WORKER_METRICS
 
 State = Literal["up", "down", "starting", "disabled"]
 Probe = Callable[[], Awaitable["Dependency"]]
@@ -110,7 +110,7 @@ class BrokerProbe:
 
 
 def _sample(name: str) -> float | None:
-    return REGISTRY.get_sample_value(name)
+    return WORKER_METRICS.get_sample_value(name)
 
 
 async def object_store(enabled: bool) -> Dependency:

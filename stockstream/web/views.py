@@ -2,7 +2,8 @@
 
 - `/health/`  liveness: answers while the event loop runs, with each dependency's state.
 - `/ready/`   readiness: 503 naming the dependency it needs that is down (health.py).
-- `/metrics/` Prometheus text format (stockstream's registry).
+- `/metrics/` Prometheus text format (stockstream's registry, with the worker's child
+  processes' figures added: child_metrics.py).
 - `/`, `/symbol/`, `/symbols/`, `/partitions/` and their `/api/` JSON: inspection.py.
 - `/windows/` open windows and clock of each partition this worker owns (JSON).
 - Faust's `/table/`, `/router/` (and its debug views when enabled) need the bearer token
@@ -22,9 +23,9 @@ import faust
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from stockstream.child_metrics import WORKER_METRICS
 from stockstream.contracts.quotes import QuoteValidator
 from stockstream.contracts.timestamps import iso_utc
-from stockstream.metrics import REGISTRY
 from stockstream.settings import Settings
 from stockstream.tables.window_state import TABLE_NAME, WindowState
 from stockstream.web import auth, health
@@ -64,7 +65,8 @@ def register(app: faust.App, settings: Settings, state: WindowState, recent: Rec
 
     async def metrics_page(request: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0]
+            body=generate_latest(WORKER_METRICS),  # type: ignore[arg-type]
+            content_type=CONTENT_TYPE_LATEST.split(";")[0],
         )
 
     async def windows_page(request: web.Request) -> web.Response:
