@@ -93,14 +93,18 @@ def ms(value: float | None) -> str:
     return "n/a" if value is None else f"{1000 * value:,.0f} ms"
 
 
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+def rss_mb(pids: list[int]) -> float | None:
+    """Resident set size of these processes together (the worker and its archive process)."""
+    total = None
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+                total = (total or 0.0) + int(line.split()[1]) / 1024
+    return total
 
 
 # ----------------------------------------------------------------------------- live feed
@@ -345,7 +349,7 @@ async def latency_mode(args: argparse.Namespace, broker: Broker, data_dir: Path)
             while time.monotonic() - t0 < args.duration:
                 if not worker.alive():
                     raise RuntimeError(f"worker exited: {worker.tail()}")
-                value = rss_mb(worker.proc.pid)
+                value = rss_mb(worker.pids())
                 if value is not None:
                     rss.append((time.monotonic() - t0, value))
                 if time.monotonic() >= next_report:
