@@ -309,7 +309,10 @@ def main(argv: list[str]) -> int:
     factory_path, metrics_fd = argv[0], int(argv[1])
     settings = read_settings(0)
     logging.config.dictConfig(logging_config(settings.log.level, settings.log.format))
-    return asyncio.run(serve(settings, resolve(factory_path), metrics_fd))
+    try:
+        return asyncio.run(serve(settings, resolve(factory_path), metrics_fd))
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        return 0  # stopped before the service ran
 
 
 if __name__ == "__main__":

@@ -176,3 +176,29 @@ def test_merged_figures_add_up_per_sample_and_keep_the_workers_created_time() ->
     assert merged.get_sample_value("jobs_total", {"kind": "b"}) == 4
     created = own.get_sample_value("jobs_created", {"kind": "a"})
     assert merged.get_sample_value("jobs_created", {"kind": "a"}) == created
+
+
+def test_the_worker_runs_its_archive_in_a_child_process_unless_told_inline(
+    tmp_path: Path,
+) -> None:
+    from stockstream.application import create_app
+    from stockstream.archive.archiver import Archiver
+    from stockstream.kafka.consumer_service import ConsumerServiceRunner
+
+    def archives(process: str) -> list[object]:
+        env = {"STOCKSTREAM_DATA_DIR": str(tmp_path), "ARCHIVE_PROCESS": process}
+        app = create_app(load_settings(environ=env, dotenv_path=None))
+        found: list[object] = []
+        for service in app._extra_services:
+            if isinstance(service, ServiceProcess) and service.name == "archive":
+                found.append(service.factory)
+            elif isinstance(service, ConsumerServiceRunner) and isinstance(
+                service.service, Archiver
+            ):
+                found.append(service.service)
+        return found
+
+    [factory] = archives("child")
+    assert factory == "stockstream.archive.archiver:archiver"
+    [inline] = archives("inline")
+    assert isinstance(inline, Archiver)
