@@ -59,6 +59,8 @@ _BATCH_SECONDS = AGENT_BATCH_SECONDS.labels("aggregate")
 MarkDone = Callable[[str, int, int, int], Awaitable[None]]
 #: Records of a batch folded between two yields to the event loop (about 25 ms of work).
 YIELD_EVERY = 1000
+#: `_fold`'s answer for a record the restored state already holds.
+_SKIPPED = (Reason.INTERNAL_ERROR, "skipped")
 #: How often the consumer lag gauges are refreshed (seconds).
 LAG_INTERVAL_SECONDS = 5.0
 
@@ -145,14 +147,19 @@ class Aggregation:
         self._applied = 0
         # Table writes go to the changelog partition of the current event.
         _enter(event)
-        partition = event.message.partition
-        handle = self._handle
-        for n, record in enumerate(event.value, 1):
-            await handle(record)
+        message = event.message
+        partition, records = message.partition, event.value
+        # A batch is one fetch of one topic partition: quotes, or idle ticks.
+        handle = self._handle_tick if message.topic == self._clock_topic else self._handle_quote
+        for n, record in enumerate(records, 1):
+            await handle(record, partition)
             if not n % YIELD_EVERY:
                 # A fetch of a backlog is thousands of records: the web view, the health
                 # checks and the other services get the loop now and then.
                 await asyncio.sleep(0)
+        if records:
+            last = records[-1]
+            self.lag.processed(partition, last.offset, last.timestamp)
         if self._applied:
             _APPLIED.inc(self._applied)
         windows = self.state.get(partition)
@@ -161,37 +168,43 @@ class Aggregation:
         self.state.write_batch(partition)
         await self.dead_letters.deliver()
 
-    async def _handle(self, message: Any) -> None:
-        is_tick = message.topic == self._clock_topic
+    async def _handle_tick(self, message: Any, partition: int) -> None:
         try:
-            if is_tick:
-                await self.handle_tick(message.partition, record_seconds(message.timestamp))
-            else:
-                await self.handle_quote(message)
+            await self.handle_tick(partition, record_seconds(message.timestamp))
+        except Exception:
+            self._log_unexpected(message)
+
+    async def _handle_quote(self, message: Any, partition: int) -> None:
+        # The hot path: one coroutine per quote, the rest synchronous unless a window closes,
+        # a record goes to the DLQ or records are missing.
+        try:
+            windows = self.state.get(partition)
+            if windows is None:
+                windows = await self._partition(partition)
+            self.state.last_activity[partition] = self._active
+            offset = message.offset
+            expected = windows.clock.last_offset + 1
+            if 0 < expected < offset:
+                await self._fill_gap(message.topic, partition, windows, expected, offset - 1)
+            await self._apply(message, windows)
         except Exception:
             # Never let one record stop the worker: this is a bug, so it is logged with the
             # record's coordinates and dead-lettered for inspection.
-            log.exception(
-                "unexpected error handling record",
-                extra={
-                    "topic": message.topic,
-                    "partition": message.partition,
-                    "offset": message.offset,
-                },
+            self._log_unexpected(message)
+            await self.dead_letters.add(
+                message, Reason.INTERNAL_ERROR, "internal error while processing (see log)"
             )
-            if not is_tick:
-                await self.dead_letters.add(
-                    message, Reason.INTERNAL_ERROR, "internal error while processing (see log)"
-                )
 
-    async def handle_quote(self, message: Any) -> None:
-        partition, offset = message.partition, message.offset
-        windows = await self._partition(partition)
-        self.state.last_activity[partition] = self._active
-        expected = windows.clock.last_offset + 1
-        if 0 < expected < offset:
-            await self._fill_gap(message.topic, partition, windows, expected, offset - 1)
-        await self._apply(message, windows)
+    @staticmethod
+    def _log_unexpected(message: Any) -> None:
+        log.exception(
+            "unexpected error handling record",
+            extra={
+                "topic": message.topic,
+                "partition": message.partition,
+                "offset": message.offset,
+            },
+        )
 
     async def _fill_gap(
         self, topic: str, partition: int, windows: PartitionWindows, first: int, last: int
@@ -234,33 +247,43 @@ class Aggregation:
         await self._mark_done(topic, partition, first, last)
 
     async def _apply(self, message: Any, windows: PartitionWindows) -> None:
-        partition, offset = message.partition, message.offset
-        self.lag.processed(partition, offset, message.timestamp)
+        refused = self._fold(message, windows)
+        if refused is _SKIPPED:
+            return
+        if refused is not None:
+            await self.dead_letters.add(message, *refused)
+            return
+        due = windows.closable()
+        if due:
+            partition, since = message.partition, record_seconds(message.timestamp)
+            await self.close_windows(partition, windows, due, "watermark", since)
+
+    def _fold(self, message: Any, windows: PartitionWindows) -> tuple[Reason, str] | None:
+        """Fold one record into its window: None when folded (or already in it), `_SKIPPED`
+        for a record the restored state holds, else the reason and error to dead-letter it
+        with."""
+        offset = message.offset
         if windows.is_redelivery(offset):
             _REDELIVERED.inc()
-            return
+            return _SKIPPED
         now = self._now
         try:
             quote = self.validator.parse(message.key, message.value, int(now * 1000))
         except ContractError as exc:
             windows.clock.last_offset = offset
             QUOTES.labels(exc.reason.value).inc()
-            await self.dead_letters.add(message, exc.reason, exc.error)
-            return
+            return exc.reason, exc.error
         outcome = windows.apply(quote, offset)
         if isinstance(outcome, Late):
             _LATE.inc()
-            await self.dead_letters.add(message, Reason.LATE, outcome.reason)
-            return
+            return Reason.LATE, outcome.reason
         if isinstance(outcome, AlreadyApplied):
             _REDELIVERED.inc()
         else:
             self._applied += 1
             EVENT_LAG.observe(max(0.0, now - quote.market_timestamp / 1000))
-            self.state.mark_dirty(partition, outcome.window)
-        await self.close_windows(
-            partition, windows, windows.closable(), "watermark", record_seconds(message.timestamp)
-        )
+            self.state.mark_dirty(message.partition, outcome.window)
+        return None
 
     async def handle_tick(self, partition: int, since: float | None = None) -> None:
         """Close every open window of a partition that has been idle (idle.py decides)."""
