@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from enum import StrEnum
+from math import isfinite as _isfinite
 from typing import Any
 
 import orjson
@@ -50,6 +51,8 @@ MAX_CHANGE_PERCENT = 1e9
 SYMBOL_MAX_LENGTH = 64
 #: Trade condition codes (Finnhub's `c`): at most this many per quote, each 1-8 characters.
 MAX_CONDITIONS = 16
+#: Accepted symbols a validator remembers (then it forgets them all and checks anew).
+MAX_ACCEPTED_SYMBOLS = 65_536
 CONDITION_MAX_LENGTH = 8
 
 # (field, lowest, highest) of the optional numbers; `current_price` and `volume` are checked
@@ -95,6 +98,9 @@ def _number(
     data: dict[str, Any], name: str, required: bool, low: float, high: float
 ) -> float | None:
     value = data.get(name)
+    # The common case first, exactly what the checks below accept for a float (per quote).
+    if type(value) is float and low <= value <= high and _isfinite(value):
+        return value
     if value is None:
         if required:
             raise ContractError(Reason.INVALID, f"missing field {name!r}")
@@ -138,6 +144,8 @@ def parse_conditions(data: dict[str, Any]) -> tuple[str, ...] | None:
 
 def _epoch_ms(data: dict[str, Any], name: str, required: bool) -> int | None:
     value = data.get(name)
+    if type(value) is int and MIN_EPOCH_MS <= value <= MAX_EPOCH_MS:  # the common case
+        return value
     if value is None:
         if required:
             raise ContractError(Reason.INVALID, f"missing field {name!r}")
@@ -162,6 +170,10 @@ class QuoteValidator:
     def __init__(self, symbol_pattern: str, max_future_ms: int) -> None:
         self._symbol = re.compile(symbol_pattern)
         self._max_future_ms = max_future_ms
+        # Symbols already accepted, with the record key each must come with: the checks
+        # (length, printable, the pattern) ran once per quote before. Bounded: hostile input
+        # can send a new valid symbol per record.
+        self._accepted: dict[str, bytes] = {}
 
     @classmethod
     def from_settings(cls, settings: QuoteSettings) -> QuoteValidator:
@@ -200,11 +212,22 @@ class QuoteValidator:
             )
         return symbol
 
+    def _accepted_symbol(self, symbol: Any) -> tuple[str, bytes]:
+        if type(symbol) is str:
+            encoded = self._accepted.get(symbol)
+            if encoded is not None:
+                return symbol, encoded
+        symbol = self.check_symbol(symbol)
+        if len(self._accepted) >= MAX_ACCEPTED_SYMBOLS:
+            self._accepted.clear()
+        encoded = self._accepted[symbol] = symbol.encode()
+        return symbol, encoded
+
     def validate(self, key: bytes | None, data: dict[str, Any], now_ms: int) -> Quote:
-        symbol = self.check_symbol(data.get("symbol"))
+        symbol, encoded = self._accepted_symbol(data.get("symbol"))
         # Windows are per partition: a record keyed differently lands on another partition
         # than its symbol's other quotes and would split that symbol's windows.
-        if key is None or key != symbol.encode():
+        if key is None or key != encoded:
             shown = None if key is None else key.decode("utf-8", "replace")
             raise ContractError(
                 Reason.INVALID, f"record key {shown!r} must equal symbol {symbol!r}"
