@@ -19,14 +19,16 @@ is suspended. `wait_first` creates four tasks per record and cancels three, and 
 third of a minimal agent's time (README.md, "Performance"). Almost
 every delivery completes without blocking, so `LeanConsumer` runs it one step inline and only
 a delivery that does block goes on under `wait_first`, exactly as in Faust. Everything else
-(gap tracking, read offsets, commit_every, the periodic yield) is Faust's loop unchanged.
+(gap tracking, read offsets, commit_every, the periodic yield, the stop after a rebalance) is
+Faust's loop unchanged. A batched topic's records skip Faust's per-record conversion too: a
+batch holds them as the Kafka client returned them.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import AsyncIterator, Coroutine, Generator, Mapping
+from collections.abc import Coroutine, Generator, Mapping
 from typing import Any, cast
 
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -158,58 +160,20 @@ class LeanConsumer(faust_aiokafka.Consumer):
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - the worker's
         # loop, covered by every integration test and the benchmarks (Faust's own is too).
-        callback = self.callback
-        getmany = self.getmany
         consumer_should_stop = cast(Service, self)._stopped.is_set
         fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
-        get_read_offset = self._read_offset.__getitem__
-        set_read_offset = self._read_offset.__setitem__
         set_flag = self.diag.set_flag
         unset_flag = self.diag.unset_flag
-        commit_every = self._commit_every
-        acks_enabled_for = self.app.topics.acks_enabled_for
-        wait_first = self.wait_first
-        suspended = self.suspend_flow
-        is_batched = self.is_batched
-        yield_every = 100
-        num_since_yield = 0
-        sleep = asyncio.sleep
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
-                ait = cast(AsyncIterator[Any], getmany(timeout=1.0))
+                fetched = await self._fetch()
                 await self.sleep(0)
-                if not self.should_stop:
-                    batches: dict[TP, list[Any]] = {}
-                    async for tp, message in ait:
-                        num_since_yield += 1
-                        if num_since_yield > yield_every:
-                            await sleep(0)
-                            num_since_yield = 0
-                        offset = message.offset
-                        r_offset = get_read_offset(tp)
-                        if r_offset is None or offset >= r_offset:
-                            gap = offset - (r_offset or 0)
-                            if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                                await self._add_gap(tp, r_offset + 1, offset)
-                            if commit_every is not None and self._n_acked >= commit_every:
-                                self._n_acked = 0
-                                await self.commit()
-                            if is_batched(message.topic):
-                                batch = batches.get(tp)
-                                if batch is None:
-                                    batches[tp] = [message]
-                                else:
-                                    batch.append(message)
-                            else:
-                                await deliver(callback, message, wait_first, suspended)
-                            set_read_offset(tp, offset)
-                    # Whatever ended the fetch (its end, a rebalance), what was taken from it
-                    # is delivered, as Faust delivers each record as it is taken.
-                    for tp, records in batches.items():
-                        self.batch_delivered(tp, records)
-                        await deliver(callback, RecordBatch.of(tp, records), wait_first, suspended)
-                    unset_flag(CONSUMER_FETCHING)
+                if fetched is not None and not self.should_stop:
+                    per_record, batched, generation = fetched
+                    await self._deliver_records(per_record, generation)
+                    await self._deliver_batches(batched, generation)
+                unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 self.log.info("Broker stopped consumer, shutting down...")
@@ -225,6 +189,92 @@ class LeanConsumer(faust_aiokafka.Consumer):
             raise
         finally:
             unset_flag(CONSUMER_FETCHING)
+
+    async def _fetch(self) -> tuple[dict[TP, list[Any]], dict[TP, list[Any]], int] | None:
+        """One fetch, as Faust's `getmany` takes it (flow control, active partitions), split
+        into the records of per-record topics and those of batched ones, with the consumer
+        generation it was made in; None when there is nothing to deliver."""
+        records, active = await self._wait_next_records(1.0)
+        generation = self.app.consumer_generation_id
+        if records is None or self.should_stop:
+            return None
+        if not self.flow_active:
+            self.log.dev("fetch while flow not active: seek back to committed offsets")
+            try:
+                await self.perform_seek()
+            except Exception as exc:
+                self.log.warning(f"exception performing seek when flow not active {exc}")
+            return None
+        per_record: dict[TP, list[Any]] = {}
+        batched: dict[TP, list[Any]] = {}
+        buffered = self._buffered_partitions
+        track_end_offset = self.app.monitor.track_tp_end_offset
+        for tp, tp_records in records.items():
+            if tp_records and (active is None or tp in active or tp in buffered):
+                track_end_offset(tp, self.highwater(tp))
+                (batched if self.is_batched(tp.topic) else per_record)[tp] = tp_records
+        return per_record, batched, generation
+
+    def _current(self, generation: int) -> bool:
+        """The flow is on and no rebalance started since the fetch (Faust's `getmany` stops
+        delivering a fetch then: its records are fetched again after the rebalance)."""
+        return self.flow_active and self.app.consumer_generation_id == generation
+
+    async def _before_delivery(self, tp: TP, topic: str, offset: int, read: int | None) -> None:
+        """What Faust's loop does before it hands a record on: offsets skipped in the
+        partition (transaction markers, compacted records) count as done, and every
+        `commit_every` acknowledgements trigger a commit."""
+        if read and offset - read > 1 and self.app.topics.acks_enabled_for(topic):
+            await self._add_gap(tp, read + 1, offset)
+        commit_every = self._commit_every
+        if commit_every is not None and self._n_acked >= commit_every:
+            self._n_acked = 0
+            await self.commit()
+
+    async def _deliver_records(self, records: dict[TP, list[Any]], generation: int) -> None:
+        """Faust's delivery, one event per record, round-robin over the partitions."""
+        callback, wait_first, suspended = self.callback, self.wait_first, self.suspend_flow
+        read_offset = self._read_offset
+        to_message = self._to_message
+        since_yield = 0
+        for tp, record in self.scheduler.iterate(records):
+            if not self._current(generation):
+                return
+            since_yield += 1
+            if since_yield > 100:
+                await asyncio.sleep(0)
+                since_yield = 0
+            offset = record.offset
+            read = read_offset[tp]
+            if read is None or offset >= read:
+                await self._before_delivery(tp, tp.topic, offset, read)
+                await deliver(callback, to_message(tp, record), wait_first, suspended)
+                read_offset[tp] = offset
+
+    async def _deliver_batches(self, batches: dict[TP, list[Any]], generation: int) -> None:
+        """One `RecordBatch` per partition: the fetched records as the Kafka client returned
+        them (no Faust message per record), from the partition's read offset on."""
+        callback, wait_first, suspended = self.callback, self.wait_first, self.suspend_flow
+        read_offset = self._read_offset
+        for tp, records in batches.items():
+            if not self._current(generation):
+                return
+            read = read_offset[tp]
+            if read is not None and records[0].offset < read:
+                records = [record for record in records if record.offset >= read]
+                if not records:
+                    continue
+            topic = tp.topic
+            for record in records:
+                offset = record.offset
+                if read and offset - read > 1:
+                    await self._before_delivery(tp, topic, offset, read)
+                read = offset
+            await self._before_delivery(tp, topic, records[-1].offset, None)
+            read_offset[tp] = records[-1].offset
+            self.batch_delivered(tp, records)
+            batch = RecordBatch.of(tp, records, generation)
+            await deliver(callback, batch, wait_first, suspended)
 
 
 class Transport(faust_aiokafka.Transport):

@@ -33,18 +33,21 @@ BATCH_BUFFER_SIZE = 4
 
 class RecordBatch(ConsumerMessage):
     """The records of one partition from one fetch, as one Faust message: its coordinates
-    are the last record's, its value the records (Faust consumer messages, offset order)."""
+    are the last record's, its value the records (aiokafka consumer records, offset order:
+    `topic`, `partition`, `offset`, `timestamp` in ms, `key`, `value`, ...)."""
 
     __slots__ = ()
 
     @classmethod
-    def of(cls, tp: TP, records: Sequence[Any]) -> RecordBatch:
+    def of(cls, tp: TP, records: Sequence[Any], generation_id: int = 0) -> RecordBatch:
+        """`records`: aiokafka consumer records (timestamps in epoch milliseconds), of the
+        consumer `generation_id` they were fetched in."""
         last = records[-1]
         return cls(
             tp.topic,
             tp.partition,
             last.offset,
-            last.timestamp,
+            last.timestamp / 1000,  # a Faust message's is in seconds
             last.timestamp_type,
             [],
             None,
@@ -53,7 +56,7 @@ class RecordBatch(ConsumerMessage):
             0,
             sum(record.serialized_value_size for record in records),
             tp,
-            generation_id=last.generation_id,
+            generation_id=generation_id,
         )
 
 

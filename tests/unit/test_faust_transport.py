@@ -12,6 +12,7 @@ from typing import Any
 
 import faust
 import pytest
+from aiokafka.structs import ConsumerRecord
 from faust.types import TP
 from faust.types.tuples import ConsumerMessage
 
@@ -128,6 +129,13 @@ def record(offset: int, partition: int = 0, topic: str = "quotes") -> ConsumerMe
     return ConsumerMessage(topic, partition, offset, 1.0, 0, [], b"k", b"v", None)
 
 
+def kafka_record(
+    offset: int, partition: int = 0, topic: str = "quotes"
+) -> ConsumerRecord[bytes, bytes]:
+    """A record as aiokafka returns it (a batch holds these)."""
+    return ConsumerRecord(topic, partition, offset, 1_000, 0, b"k", b"v", None, 1, 1, ())
+
+
 @pytest.fixture(name="consumer")
 def consumer_fixture() -> Iterator[LeanConsumer]:
     app = faust.App("unit-batches", broker="kafka://127.0.0.1:1")
@@ -148,15 +156,17 @@ def consumer_fixture() -> Iterator[LeanConsumer]:
 
 def test_a_batch_has_its_last_record_s_coordinates_and_its_records_as_value() -> None:
     tp = TP("quotes", 2)
-    records = [record(o, 2) for o in (5, 6, 9)]
-    batch = RecordBatch.of(tp, records)
+    records = [kafka_record(o, 2) for o in (5, 6, 9)]
+    batch = RecordBatch.of(tp, records, 7)
     assert (batch.topic, batch.partition, batch.offset, batch.tp) == ("quotes", 2, 9, tp)
     assert batch.value is records
+    assert batch.timestamp == 1.0  # seconds, as Faust's messages
+    assert batch.generation_id == 7
 
 
 def delivered(consumer: LeanConsumer, tp: TP, offsets: list[int]) -> RecordBatch:
     """A batch as the delivery loop hands it out."""
-    records = [record(o, tp.partition) for o in offsets]
+    records = [kafka_record(o, tp.partition) for o in offsets]
     consumer.batch_delivered(tp, records)
     return RecordBatch.of(tp, records)
 
@@ -238,7 +248,7 @@ def test_a_single_record_is_acknowledged_as_faust_does(consumer: LeanConsumer) -
 async def test_a_batched_topic_hands_the_records_over_undecoded() -> None:
     app = faust.App("unit-batches-decode", broker="kafka://127.0.0.1:1")
     topic = BatchedTopic(app, topics=["quotes"])
-    records = [record(0), record(1)]
+    records = [kafka_record(0), kafka_record(1)]
     event = await topic.decode(RecordBatch.of(TP("quotes", 0), records))
     assert event.value is records and event.key is None
     assert topic.maxsize == BATCH_BUFFER_SIZE
@@ -253,3 +263,53 @@ def test_a_topic_is_batched_only_when_all_its_subscribers_are() -> None:
     assert is_batched([]) is False
     with pytest.raises(TypeError, match="both batched and per-record"):
         is_batched([batched, plain])
+
+
+async def test_a_fetch_goes_out_as_one_batch_from_the_read_offset_with_skipped_offsets_done(
+    consumer: LeanConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tp = TP("quotes", 0)
+    delivered: list[RecordBatch] = []
+    gaps: list[tuple[int, int]] = []
+
+    async def take(message: RecordBatch) -> None:
+        delivered.append(message)
+
+    async def add_gap(tp: TP, first: int, last: int) -> None:
+        gaps.append((first, last))
+
+    monkeypatch.setattr(consumer, "callback", take)
+    monkeypatch.setattr(consumer, "_add_gap", add_gap)
+    consumer.resume_flow()
+    generation = consumer.app.consumer_generation_id
+    # The read offset is the next one to deliver, as Faust's loop reads it (`offset >=`).
+    consumer._read_offset[tp] = 4
+    # 3 was delivered before; 6 and 9-10 are transaction markers (no record).
+    records = [kafka_record(o) for o in (3, 4, 5, 7, 8, 11)]
+    await consumer._deliver_batches({tp: records}, generation)
+    [batch] = delivered
+    assert [r.offset for r in batch.value] == [4, 5, 7, 8, 11]
+    assert batch.offset == 11 and batch.generation_id == generation
+    assert gaps == [(6, 7), (9, 11)]  # Faust's _add_gap takes (first, next record's offset)
+    assert consumer._read_offset[tp] == 11
+    # Read up to 11: only 11 itself would go again, as in Faust's loop.
+    await consumer._deliver_batches({tp: records[:-1]}, generation)
+    assert len(delivered) == 1
+
+
+async def test_a_fetch_from_before_a_rebalance_is_not_delivered(
+    consumer: LeanConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delivered: list[Any] = []
+
+    async def take(message: Any) -> None:
+        delivered.append(message)
+
+    monkeypatch.setattr(consumer, "callback", take)
+    consumer.resume_flow()
+    stale = consumer.app.consumer_generation_id - 1
+    tp = TP("quotes", 0)
+    await consumer._deliver_batches({tp: [kafka_record(0)]}, stale)
+    await consumer._deliver_records({TP("other", 0): [kafka_record(0, topic="other")]}, stale)
+    assert delivered == []
+    assert consumer._read_offset[tp] is None
