@@ -313,3 +313,32 @@ async def test_a_fetch_from_before_a_rebalance_is_not_delivered(
     await consumer._deliver_records({TP("other", 0): [kafka_record(0, topic="other")]}, stale)
     assert delivered == []
     assert consumer._read_offset[tp] is None
+
+
+async def test_a_rebalance_during_the_commit_before_a_batch_leaves_its_seek_in_place(
+    consumer: LeanConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit every `commit_every` acknowledgements awaits the broker; a rebalance then
+    seeks the partition back to its committed offset. The fetched batch must be dropped and
+    the seek's read offset kept: overwriting it skipped the batch when it was re-fetched (the
+    first batch of a fresh partition, a hole the agent cannot see)."""
+    tp = TP("quotes", 0)
+    delivered: list[Any] = []
+
+    async def take(message: Any) -> None:
+        delivered.append(message)
+
+    async def commit_during_a_rebalance() -> bool:
+        consumer.app.consumer_generation_id += 1
+        consumer._read_offset[tp] = 0  # the rebalance's seek
+        return True
+
+    monkeypatch.setattr(consumer, "callback", take)
+    monkeypatch.setattr(consumer, "commit", commit_during_a_rebalance)
+    monkeypatch.setattr(consumer, "_commit_every", 1)
+    consumer._n_acked = 1
+    consumer.resume_flow()
+    generation = consumer.app.consumer_generation_id
+    await consumer._deliver_batches({tp: [kafka_record(o) for o in range(5)]}, generation)
+    assert delivered == []
+    assert consumer._read_offset[tp] == 0
