@@ -134,7 +134,7 @@ STAGES: list[tuple[str, Match]] = [
         _in("/stockstream/contracts/quotes.py"),
     ),
     ("agent: window fold + closable() (tables/windows.py)", _in("/stockstream/tables/windows.py")),
-    ("agent: rest of handle_quote / handle_tick", _in("/stockstream/")),
+    ("agent: rest of the quote path (_handle_quote, _fold) and ticks", _in("/stockstream/")),
     ("logging", _in("/logging/")),
     (
         "producer: aiokafka Sender (produce requests, socket writes, responses)",
