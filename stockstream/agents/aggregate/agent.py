@@ -59,6 +59,8 @@ _BATCH_SECONDS = AGENT_BATCH_SECONDS.labels("aggregate")
 MarkDone = Callable[[str, int, int, int], Awaitable[None]]
 #: Records of a batch folded between two yields to the event loop (about 25 ms of work).
 YIELD_EVERY = 1000
+#: `_fold`'s answer for a record the restored state already holds.
+_SKIPPED = (Reason.INTERNAL_ERROR, "skipped")
 #: How often the consumer lag gauges are refreshed (seconds).
 LAG_INTERVAL_SECONDS = 5.0
 
@@ -245,10 +247,9 @@ class Aggregation:
         await self._mark_done(topic, partition, first, last)
 
     async def _apply(self, message: Any, windows: PartitionWindows) -> None:
-        if windows.is_redelivery(message.offset):
-            _REDELIVERED.inc()
-            return
         refused = self._fold(message, windows)
+        if refused is _SKIPPED:
+            return
         if refused is not None:
             await self.dead_letters.add(message, *refused)
             return
@@ -258,9 +259,13 @@ class Aggregation:
             await self.close_windows(partition, windows, due, "watermark", since)
 
     def _fold(self, message: Any, windows: PartitionWindows) -> tuple[Reason, str] | None:
-        """Fold one record into its window: None when folded (or already in it), else the
-        reason and error to dead-letter it with."""
+        """Fold one record into its window: None when folded (or already in it), `_SKIPPED`
+        for a record the restored state holds, else the reason and error to dead-letter it
+        with."""
         offset = message.offset
+        if windows.is_redelivery(offset):
+            _REDELIVERED.inc()
+            return _SKIPPED
         now = self._now
         try:
             quote = self.validator.parse(message.key, message.value, int(now * 1000))
