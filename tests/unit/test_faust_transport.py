@@ -151,6 +151,7 @@ def consumer_fixture() -> Iterator[LeanConsumer]:
         on_partitions_assigned=nothing,
     )
     app.topics.acking_topics.add("quotes")
+    app.flow_control.resume()  # as after a recovery: streams take events
     yield consumer
 
 
@@ -342,3 +343,78 @@ async def test_a_rebalance_during_the_commit_before_a_batch_leaves_its_seek_in_p
     await consumer._deliver_batches({tp: [kafka_record(o) for o in range(5)]}, generation)
     assert delivered == []
     assert consumer._read_offset[tp] == 0
+
+
+@pytest.mark.parametrize("held_by", ["a recovery's resumed partitions", "flow control"])
+async def test_a_fetch_made_while_streams_are_held_waits_for_them_and_the_recovery_s_seek(
+    consumer: LeanConsumer, monkeypatch: pytest.MonkeyPatch, held_by: str
+) -> None:
+    """A recovery resumes the stream partitions and awaits their seek before it resumes flow
+    control, which empties every stream's queue; a stream also drops what it takes while flow
+    control is suspended. A fetch made meanwhile must wait: delivered at once, the quotes of a
+    restored worker's partitions were lost (tests/integration/test_state_upgrade.py)."""
+    tp, other, changelog = TP("quotes", 0), TP("other", 0), TP("app-window-changelog", 0)
+    delivered: list[Any] = []
+
+    async def take(message: Any) -> None:
+        delivered.append(message)
+
+    monkeypatch.setattr(consumer, "callback", take)
+    monkeypatch.setattr(consumer, "_is_changelog_tp", lambda tp: tp.topic == changelog.topic)
+    consumer.resume_flow()
+    if held_by == "flow control":
+        consumer.app.flow_control.suspend()
+    else:
+        consumer.resume_partitions({changelog})  # the changelogs' recovery: nothing held
+        assert consumer.streams_take_events()
+        consumer.resume_partitions({tp, other})
+    assert not consumer.streams_take_events()
+    generation = consumer.app.consumer_generation_id
+    batches = asyncio.ensure_future(
+        consumer._deliver_batches({tp: [kafka_record(o) for o in range(10, 15)]}, generation)
+    )
+    records = asyncio.ensure_future(
+        consumer._deliver_records(
+            {
+                changelog: [kafka_record(3, topic=changelog.topic)],
+                other: [kafka_record(7, topic="other")],
+            },
+            generation,
+        )
+    )
+    for _ in range(5):
+        await asyncio.sleep(0.02)
+    # The recovery reads its changelog while streams are held; nothing else went out.
+    assert [m.topic for m in delivered] == [changelog.topic]
+    consumer._read_offset[tp] = 12  # the recovery's seek: the committed offset
+    consumer.app.flow_control.resume()
+    consumer.resume_flow()
+    await asyncio.wait_for(asyncio.gather(batches, records), 5)
+    batch = next(m for m in delivered if isinstance(m, RecordBatch))
+    assert [r.offset for r in batch.value] == [12, 13, 14]
+    assert [(m.topic, m.offset) for m in delivered if not isinstance(m, RecordBatch)] == [
+        (changelog.topic, 3),
+        ("other", 7),
+    ]
+
+
+async def test_a_fetch_held_for_the_streams_is_dropped_when_a_rebalance_comes_first(
+    consumer: LeanConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tp = TP("quotes", 0)
+    delivered: list[Any] = []
+
+    async def take(message: Any) -> None:
+        delivered.append(message)
+
+    monkeypatch.setattr(consumer, "callback", take)
+    consumer.resume_flow()
+    consumer.resume_partitions({tp})
+    generation = consumer.app.consumer_generation_id
+    held = asyncio.ensure_future(consumer._deliver_batches({tp: [kafka_record(0)]}, generation))
+    await asyncio.sleep(0.02)
+    consumer.app.consumer_generation_id += 1
+    await asyncio.wait_for(held, 5)
+    consumer.resume_flow()
+    assert delivered == []
+    assert consumer._read_offset[tp] is None
