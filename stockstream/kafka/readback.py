@@ -1,6 +1,6 @@
 """Reading part of one partition directly, without a consumer group: what the aggregation
 emitted after its last checkpoint (`read_after`), and records the worker's stream skipped
-(`read_range`)."""
+(`read_range`, and `read_missing`, which an agent cannot go on without)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from stockstream.kafka import clients
+from stockstream.retry import Backoff, retry
 from stockstream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,8 @@ ReadAfter = Callable[
 ]
 #: `read_range`'s signature.
 ReadRange = Callable[[KafkaSettings, str, int, int, int], Awaitable[list[Any]]]
+#: Between attempts of a read an agent waits for (the broker away).
+READ_BACKOFF = Backoff(initial_seconds=0.5, max_seconds=30.0)
 
 
 async def read_after(
@@ -74,4 +77,33 @@ async def _read(
                 break
     finally:
         await consumer.stop()
+    return records
+
+
+async def read_missing(
+    read: ReadRange, kafka: KafkaSettings, topic: str, partition: int, first: int, last: int
+) -> list[Any]:
+    """The records `first..last` of a partition that an agent's stream did not deliver, read
+    with `read` (`read_range`, or a test's): retried while the broker is away, since the
+    agent cannot go on without them, and logged when there are any."""
+    records = await retry(
+        lambda: read(kafka, topic, partition, first, last),
+        READ_BACKOFF,
+        what="read records missing from the stream",
+        on_failure=lambda exc, retries, pause: log.error(
+            "cannot read records missing from the stream, retrying",
+            extra={"topic": topic, "partition": partition, "offset": first, "error": repr(exc)},
+        ),
+    )
+    if records:
+        log.warning(
+            "records missing from the stream, read directly",
+            extra={
+                "topic": topic,
+                "partition": partition,
+                "first_offset": first,
+                "last_offset": last,
+                "records": len(records),
+            },
+        )
     return records

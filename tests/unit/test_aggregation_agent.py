@@ -327,6 +327,29 @@ async def test_an_end_offset_beyond_the_last_record_delays_but_does_not_stop_the
     assert windows_in(broker.output) == Counter({("AAPL", T0): 1})
 
 
+async def test_records_the_stream_never_delivers_are_read_before_an_idle_flush(
+    settings: Settings, clock: list[float]
+) -> None:
+    """A stream that dropped records (its consumer past them, nothing processed: a fetch
+    delivered while a recovery held the streams) must not end in windows flushed without
+    them: after a whole idle timeout the agent reads them directly, then flushes."""
+    stream = [quote("AAPL", T0 + 1_000 * i, i) for i in range(5)]
+
+    async def end_offset(partition: int) -> int:
+        return 5
+
+    broker = FakeBroker()
+    agg = make(settings, broker, end_offset, stream=stream)
+    tick = Event(Message(clock_topic_name(settings), 0, 0, b"tick", b"{}"))
+    await feed(agg, stream[:1])
+    for _ in range(6):
+        clock[0] += 5
+        await feed(agg, [tick])
+    assert broker.done == [("stock-quotes", 0, 1, 4)]
+    assert windows_in(broker.output) == Counter({("AAPL", T0): 1})
+    assert orjson.loads(broker.output[0][1])["count"] == 5
+
+
 async def test_no_flush_while_the_broker_cannot_say_what_is_waiting(
     settings: Settings, clock: list[float]
 ) -> None:

@@ -30,7 +30,13 @@ from stockstream.agents.aggregate.lag import ConsumerLag, record_seconds
 from stockstream.contracts.dead_letters import Reason
 from stockstream.contracts.quotes import ContractError, QuoteValidator
 from stockstream.deadletter import DeadLetters
-from stockstream.kafka.readback import ReadAfter, ReadRange, read_after, read_range
+from stockstream.kafka.readback import (
+    ReadAfter,
+    ReadRange,
+    read_after,
+    read_missing,
+    read_range,
+)
 from stockstream.kafka.topics import clock_topic_name
 from stockstream.metrics import (
     AGENT_BATCH_SECONDS,
@@ -44,14 +50,12 @@ from stockstream.metrics import (
     WINDOWS_EMITTED,
     WINDOWS_SUPPRESSED,
 )
-from stockstream.retry import Backoff, retry
 from stockstream.settings import Settings
 from stockstream.tables.window_state import WindowState
 from stockstream.tables.windows import AlreadyApplied, Late, PartitionWindows, WindowAggregate
 
 log = logging.getLogger(__name__)
 
-READ_BACKOFF = Backoff(initial_seconds=0.5, max_seconds=30.0)
 # Labelled metric children resolved once: `.labels()` per quote shows up in profiles.
 _APPLIED, _REDELIVERED, _LATE = (QUOTES.labels(o) for o in ("applied", "redelivered", "late"))
 _BATCH_SECONDS = AGENT_BATCH_SECONDS.labels("aggregate")
@@ -61,6 +65,8 @@ MarkDone = Callable[[str, int, int, int], Awaitable[None]]
 YIELD_EVERY = 1000
 #: `_fold`'s answer for a record the restored state already holds.
 _SKIPPED = (Reason.INTERNAL_ERROR, "skipped")
+#: Records an idle check reads directly at most (per tick) when the stream left them.
+UNDELIVERED_READ_MAX = 10_000
 #: How often the consumer lag gauges are refreshed (seconds).
 LAG_INTERVAL_SECONDS = 5.0
 
@@ -208,7 +214,7 @@ class Aggregation:
 
     async def _fill_gap(
         self, topic: str, partition: int, windows: PartitionWindows, first: int, last: int
-    ) -> None:
+    ) -> int:
         """Process the records between the last one processed and this one, read directly.
 
         Every record of a partition moves its clock's `last_offset`, so offsets must follow
@@ -218,33 +224,17 @@ class Aggregation:
         consumer keeps going past records it did not deliver and treats the hole as
         acknowledged, so they would be committed unprocessed. Offsets that are transaction
         markers yield no record."""
-        records = await retry(
-            lambda: self._read_range(self.settings.kafka, topic, partition, first, last),
-            READ_BACKOFF,
-            what="read skipped records",
-            on_failure=lambda exc, retries, pause: log.error(
-                "cannot read skipped records, retrying",
-                extra={"topic": topic, "partition": partition, "offset": first, "error": repr(exc)},
-            ),
+        records = await read_missing(
+            self._read_range, self.settings.kafka, topic, partition, first, last
         )
-        if records:
-            STREAM_GAP_RECORDS.inc(len(records))
-            log.warning(
-                "records missing from the stream, read directly",
-                extra={
-                    "topic": topic,
-                    "partition": partition,
-                    "first_offset": first,
-                    "last_offset": last,
-                    "records": len(records),
-                },
-            )
+        STREAM_GAP_RECORDS.inc(len(records))
         for record in records:
             await self._apply(record, windows)
         # Processed here, so done for the consumer too: a hole Faust's stream never
         # acknowledges would hold the partition's committed offset back for good (every
         # restart would replay from it).
         await self._mark_done(topic, partition, first, last)
+        return len(records)
 
     async def _apply(self, message: Any, windows: PartitionWindows) -> None:
         refused = self._fold(message, windows)
@@ -290,12 +280,25 @@ class Aggregation:
         windows = await self._partition(partition)
         if not windows.open:
             return
-        idle_for = await self.idle.idle_for(partition, windows)
-        if idle_for is None:
+        idle = await self.idle.idle_for(partition, windows)
+        if idle is None:
+            return
+        # Records still waiting after a whole timeout were not delivered by the stream (one
+        # that dropped them, its consumer past them): read first, or the windows would go out
+        # without them. Offsets without records (transaction markers) read as nothing.
+        first = windows.clock.last_offset + 1
+        last = min(idle.end_offset - 1, first + UNDELIVERED_READ_MAX - 1)
+        topic = self.settings.kafka.quotes_topic
+        if first <= last and await self._fill_gap(topic, partition, windows, first, last):
+            self.state.last_activity[partition] = time.monotonic()
             return
         log.info(
             "partition idle, flushing windows",
-            extra={"partition": partition, "open_windows": len(windows.open), "idle_s": idle_for},
+            extra={
+                "partition": partition,
+                "open_windows": len(windows.open),
+                "idle_s": idle.quiet_s,
+            },
         )
         await self.close_windows(partition, windows, windows.flush(), "idle", since)
 

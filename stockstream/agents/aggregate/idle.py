@@ -11,7 +11,9 @@ agent must have processed nothing for the timeout AND the partition's end offset
 stayed at the agent's progress for half of it (a whole timeout when the end is beyond the last
 record the agent saw, e.g. a transaction marker). So an agent that was blocked (a rebalance, a
 slow start) never flushes windows whose quotes are already waiting, and after a broker outage a
-producer has time to drain its spool before anything is called idle. During a replay of
+producer has time to drain its spool before anything is called idle. Records still waiting
+after a whole timeout were not delivered by the stream: the agent reads them directly before it
+flushes anything (agent.py `handle_tick`). During a replay of
 recorded quotes the partition is never idle, so no wall-clock rule can close a window early.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import faust
 import orjson
@@ -32,6 +35,13 @@ log = logging.getLogger(__name__)
 #: The end offset of a quotes partition, from the broker.
 EndOffset = Callable[[int], Awaitable[int]]
 Owned = Callable[[], set[int]]
+
+
+class Idle(NamedTuple):
+    """A partition found idle: for how long (seconds), and its end offset at that moment."""
+
+    quiet_s: float
+    end_offset: int
 
 
 class IdleClock:
@@ -55,9 +65,9 @@ class IdleClock:
         # Per partition: since when (end offset, processed offset) has been what it is.
         self._probes: dict[int, tuple[float, tuple[int, int]]] = {}
 
-    async def idle_for(self, partition: int, windows: PartitionWindows) -> float | None:
-        """Seconds the partition has been idle, or None while it is not (or cannot be
-        told); called for each tick, in the partition's context."""
+    async def idle_for(self, partition: int, windows: PartitionWindows) -> Idle | None:
+        """How long the partition has been idle and its end offset then, or None while it
+        is not (or cannot be told); called for each tick, in the partition's context."""
         now = time.monotonic()
         quiet = now - self._state.last_activity[partition]
         if quiet < self._timeout / 2:
@@ -81,7 +91,7 @@ class IdleClock:
         if quiet < self._timeout or not settled:
             return None
         del self._probes[partition]
-        return quiet
+        return Idle(quiet, end)
 
     async def send_ticks(self) -> None:
         """Tick every owned partition that may be idle: loaded ones with open windows that

@@ -30,15 +30,19 @@ from stockstream.agents.anomaly.statistics import Rules, Window, observe
 from stockstream.contracts.dead_letters import Reason
 from stockstream.contracts.windows import WindowRecordError
 from stockstream.deadletter import DeadLetters
-from stockstream.kafka.readback import ReadAfter, ReadRange, read_after, read_range
+from stockstream.kafka.readback import (
+    ReadAfter,
+    ReadRange,
+    read_after,
+    read_missing,
+    read_range,
+)
 from stockstream.metrics import AGENT_BATCH_SECONDS
-from stockstream.retry import Backoff, retry
 from stockstream.settings import Settings, SettingsError
 from stockstream.tables.anomaly_state import AnomalyState, PartitionHistories
 
 log = logging.getLogger(__name__)
 
-READ_BACKOFF = Backoff(initial_seconds=0.5, max_seconds=30.0)
 # Windows arrive at most once a minute per symbol: small batches keep the latency low.
 BATCH_MAX_EVENTS = 500
 BATCH_MAX_SECONDS = 0.05
@@ -210,27 +214,9 @@ class AnomalyDetection:
         return histories
 
     async def _read_skipped(self, topic: str, partition: int, first: int, last: int) -> list[Any]:
-        records = await retry(
-            lambda: self._read_range(self.settings.kafka, topic, partition, first, last),
-            READ_BACKOFF,
-            what="read skipped windows",
-            on_failure=lambda exc, retries, pause: log.error(
-                "cannot read skipped windows, retrying",
-                extra={"topic": topic, "partition": partition, "offset": first, "error": repr(exc)},
-            ),
+        return await read_missing(
+            self._read_range, self.settings.kafka, topic, partition, first, last
         )
-        if records:
-            log.warning(
-                "windows missing from the stream, read directly",
-                extra={
-                    "topic": topic,
-                    "partition": partition,
-                    "first_offset": first,
-                    "last_offset": last,
-                    "records": len(records),
-                },
-            )
-        return records
 
     async def on_partitions_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         """Drop the state of partitions this worker no longer owns (reloaded if they return)."""
