@@ -507,16 +507,7 @@ class Process:
 
     def peak_rss_mb(self) -> float | None:
         """VmHWM (peak resident set size) of the worker plus that of its child processes."""
-        total = None
-        for pid in self.pids():
-            try:
-                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-            except OSError:
-                continue
-            for line in lines:
-                if line.startswith("VmHWM:"):
-                    total = (total or 0.0) + int(line.split()[1]) / 1024
-        return total
+        return status_mb(self.pids(), "VmHWM")
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time so far of the worker and of its live child processes."""
@@ -540,6 +531,21 @@ class Process:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def status_mb(pids: list[int], field: str) -> float | None:
+    """A memory field of /proc/<pid>/status (VmRSS, VmHWM) summed over `pids`, in MB; None
+    when none of them could be read."""
+    total = None
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.startswith(f"{field}:"):
+                total = (total or 0.0) + int(line.split()[1]) / 1024
+    return total
 
 
 class WorkerProcess(Process):

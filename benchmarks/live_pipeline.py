@@ -66,6 +66,7 @@ from aggregate_throughput import (
     preload,
     read_output,
     scrape,
+    status_mb,
     wait_ready,
 )
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -91,20 +92,6 @@ def pct(values: list[float], q: float) -> float | None:
 
 def ms(value: float | None) -> str:
     return "n/a" if value is None else f"{1000 * value:,.0f} ms"
-
-
-def rss_mb(pids: list[int]) -> float | None:
-    """Resident set size of these processes together (the worker and its archive process)."""
-    total = None
-    for pid in pids:
-        try:
-            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            if line.startswith("VmRSS:"):
-                total = (total or 0.0) + int(line.split()[1]) / 1024
-    return total
 
 
 # ----------------------------------------------------------------------------- live feed
@@ -349,7 +336,7 @@ async def latency_mode(args: argparse.Namespace, broker: Broker, data_dir: Path)
             while time.monotonic() - t0 < args.duration:
                 if not worker.alive():
                     raise RuntimeError(f"worker exited: {worker.tail()}")
-                value = rss_mb(worker.pids())
+                value = status_mb(worker.pids(), "VmRSS")
                 if value is not None:
                     rss.append((time.monotonic() - t0, value))
                 if time.monotonic() >= next_report:

@@ -19,7 +19,7 @@ restarted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -83,24 +83,14 @@ class MergedRegistry:
         """The child exited: its counters and histograms stay in the sum (a restarted child
         counts from 0 again, and the worker's counters must not go down), its gauges go."""
         families = self._children.pop(child, None)
-        if not families:
-            return
-        gauges = {family.name for family in self.own.collect() if family.type == "gauge"}
-        for name, values in families.items():
-            if name in gauges:
-                continue
-            into = self._retired.setdefault(name, {})
-            for key, value in values.items():
-                into[key] = into.get(key, 0.0) + value
+        if families:
+            gauges = {family.name for family in self.own.collect() if family.type == "gauge"}
+            _add(self._retired, families, skip=gauges)
 
     def _extra(self) -> Families:
-        sources = [*self._children.values(), self._retired]
         extra: Families = {}
-        for families in sources:
-            for name, values in families.items():
-                into = extra.setdefault(name, {})
-                for key, value in values.items():
-                    into[key] = into.get(key, 0.0) + value
+        for families in (*self._children.values(), self._retired):
+            _add(extra, families)
         return extra
 
     def collect(self) -> Iterator[Metric]:
@@ -123,12 +113,24 @@ class MergedRegistry:
             yield merged
 
     def get_sample_value(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
-        wanted = dict(labels or {})
-        for family in self.collect():
-            for sample in family.samples:
-                if sample.name == name and sample.labels == wanted:
-                    return float(sample.value)
-        return None
+        own = self.own.get_sample_value(name, dict(labels or {}))
+        if name.endswith("_created"):
+            return own
+        key = _key(name, labels or {})
+        adds = [values[key] for values in self._extra().values() if key in values]
+        if not adds:
+            return own
+        return (own or 0.0) + sum(adds)
+
+
+def _add(into: Families, families: Families, skip: Collection[str] = ()) -> None:
+    """Add `families`' samples to `into`'s, sample by sample (families named in `skip` not)."""
+    for name, values in families.items():
+        if name in skip:
+            continue
+        sums = into.setdefault(name, {})
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value
 
 
 #: What the worker serves at /metrics/ and its health checks read.

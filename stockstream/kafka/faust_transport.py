@@ -335,19 +335,22 @@ class LeanConsumer(faust_aiokafka.Consumer):
                 if not records:
                     continue
             topic = tp.topic
-            for record in records:
-                offset = record.offset
-                if read and offset - read > 1:
-                    await self._before_delivery(tp, topic, offset, read)
-                read = offset
-            await self._before_delivery(tp, topic, records[-1].offset, None)
+            first, last = records[0].offset, records[-1].offset
+            if (read and first - read > 1) or last - first != len(records) - 1:
+                # Offsets the partition skips (the common fetch is contiguous: no walk).
+                for record in records:
+                    offset = record.offset
+                    if read and offset - read > 1:
+                        await self._before_delivery(tp, topic, offset, read)
+                    read = offset
+            await self._before_delivery(tp, topic, last, None)
             # Checked again after the awaits above (a commit, gaps): if a rebalance came in
             # between, its seek decides what is read next, and this fetch is dropped. Setting
             # the read offset after that seek would skip the batch for good -- at the start
             # of a partition, where the agent cannot see the hole (benchmarks/ lost one).
             if not self._current(generation):
                 return
-            read_offset[tp] = records[-1].offset
+            read_offset[tp] = last
             self.batch_delivered(tp, records)
             batch = RecordBatch.of(tp, records, generation)
             await deliver(callback, batch, wait_first, suspended)

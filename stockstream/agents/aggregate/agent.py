@@ -63,8 +63,6 @@ _BATCH_SECONDS = AGENT_BATCH_SECONDS.labels("aggregate")
 MarkDone = Callable[[str, int, int, int], Awaitable[None]]
 #: Records of a batch folded between two yields to the event loop (about 25 ms of work).
 YIELD_EVERY = 1000
-#: `_fold`'s answer for a record the restored state already holds.
-_SKIPPED = (Reason.INTERNAL_ERROR, "skipped")
 #: Records an idle check reads directly at most (per tick) when the stream left them.
 UNDELIVERED_READ_MAX = 10_000
 #: How often the consumer lag gauges are refreshed (seconds).
@@ -237,9 +235,10 @@ class Aggregation:
         return len(records)
 
     async def _apply(self, message: Any, windows: PartitionWindows) -> None:
-        refused = self._fold(message, windows)
-        if refused is _SKIPPED:
+        if windows.is_redelivery(message.offset):
+            _REDELIVERED.inc()
             return
+        refused = self._fold(message, windows)
         if refused is not None:
             await self.dead_letters.add(message, *refused)
             return
@@ -249,13 +248,9 @@ class Aggregation:
             await self.close_windows(partition, windows, due, "watermark", since)
 
     def _fold(self, message: Any, windows: PartitionWindows) -> tuple[Reason, str] | None:
-        """Fold one record into its window: None when folded (or already in it), `_SKIPPED`
-        for a record the restored state holds, else the reason and error to dead-letter it
-        with."""
+        """Fold one record into its window: None when folded (or already in it), else the
+        reason and error to dead-letter it with."""
         offset = message.offset
-        if windows.is_redelivery(offset):
-            _REDELIVERED.inc()
-            return _SKIPPED
         now = self._now
         try:
             quote = self.validator.parse(message.key, message.value, int(now * 1000))
