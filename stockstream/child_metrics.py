@@ -87,9 +87,13 @@ class MergedRegistry:
             gauges = {family.name for family in self.own.collect() if family.type == "gauge"}
             _add(self._retired, families, skip=gauges)
 
+    def _sources(self) -> tuple[Families, ...]:
+        """What is added to `own`: each live child's latest snapshot, and the retired sum."""
+        return (*self._children.values(), self._retired)
+
     def _extra(self) -> Families:
         extra: Families = {}
-        for families in (*self._children.values(), self._retired):
+        for families in self._sources():
             _add(extra, families)
         return extra
 
@@ -117,7 +121,13 @@ class MergedRegistry:
         if name.endswith("_created"):
             return own
         key = _key(name, labels or {})
-        adds = [values[key] for values in self._extra().values() if key in values]
+        # Looked up in each source as it is: merging them all is `collect`'s work.
+        adds = [
+            values[key]
+            for families in self._sources()
+            for values in families.values()
+            if key in values
+        ]
         if not adds:
             return own
         return (own or 0.0) + sum(adds)

@@ -112,7 +112,11 @@ class AnomalyDetection:
         histories = await self._partition(partition)
         expected = histories.progress.last_offset + 1
         if 0 < expected < offset:
-            for record in await self._read_skipped(message.topic, partition, expected, offset - 1):
+            kafka, topic = self.settings.kafka, message.topic
+            skipped = await read_missing(
+                self._read_range, kafka, topic, partition, expected, offset - 1
+            )
+            for record in skipped:
                 await self._apply(record, histories, found)
         await self._apply(message, histories, found)
 
@@ -212,11 +216,6 @@ class AnomalyDetection:
                 },
             )
         return histories
-
-    async def _read_skipped(self, topic: str, partition: int, first: int, last: int) -> list[Any]:
-        return await read_missing(
-            self._read_range, self.settings.kafka, topic, partition, first, last
-        )
 
     async def on_partitions_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         """Drop the state of partitions this worker no longer owns (reloaded if they return)."""
